@@ -1,0 +1,151 @@
+"""The paper's settings (STMN, ICCV 2021, and its official training script).
+
+This file is the single source of truth for every setting; dataset configs and the words after
+the colon (`configs/mars.py:baseline,smoke`) only override fields defined here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.arg = ""
+
+  # ---------------------------------------------------------------- dataset
+  config.dataset = ml_collections.ConfigDict()
+  # Registered reader name: mars, dukev, lsvid, ilidsvid, prid2011, synthetic.
+  config.dataset.name = "synthetic"
+  # Root folder of the native on-disk layout (see data_pipelines/readers).
+  config.dataset.root = ""
+  # MARS gallery: "official" (all test tracklets but pid -1, queries included) or
+  # "torchreid" (test minus query).
+  config.dataset.protocol = "official"
+  # iLIDS-VID / PRID2011 split index (0..9).
+  config.dataset.split_id = 0
+  # Keep pid 0 distractors in the gallery (MARS, DukeV).
+  config.dataset.distractors = True
+  # Model selection: hold out this many training identities as a validation split
+  # (the paper's protocol: 125 of MARS's 625). 0 disables validation.
+  config.dataset.num_val_ids = 0
+  config.dataset.num_val_queries = 200
+  # Synthetic benchmark knobs (data_pipelines/synthetic); filled by configs/synthetic.py.
+  config.dataset.synthetic = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- input pipeline
+  config.data = ml_collections.ConfigDict()
+  config.data.height = 256
+  config.data.width = 128
+  config.data.seq_len = 6  # L: frames per training clip (RRS chunks).
+  config.data.num_ids_per_batch = 8  # P
+  config.data.num_tracklets_per_id = 4  # K (drawn with replacement, as the official code)
+  config.data.prefer_cross_camera = False
+  config.data.flip_prob = 0.5  # horizontal flip, once per tracklet
+  config.data.erasing_prob = 0.5  # random erasing, per frame
+  config.data.erasing_area = (0.02, 0.4)
+  config.data.erasing_aspect = (0.3, 3.3)
+  config.data.mean = (0.485, 0.456, 0.406)
+  config.data.std = (0.229, 0.224, 0.225)
+  # Where frames come from: "files" (the reader's paths) or "tfds" (a prepared TFDS builder).
+  config.data.source = "files"
+  config.data.tfds_data_dir = ""
+  config.data.eval_batch_size = 32  # clips per eval batch (global)
+  config.data.shuffle_buffer = 256
+  config.data.prefetch = 2
+  config.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+
+  # ---------------------------------------------------------------- model
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "stmn"  # registry name: stmn, drsa, sta
+  config.model.preset = "stmn"  # the config word that set the flags below
+  config.model.depth = 50  # ResNet depth: 18, 34, 50
+  config.model.width = 1.0  # width multiplier; memories' D follows the backbone channels
+  config.model.last_stride = 1
+  # Paper: standard ResNet stem (conv-BN-ReLU-maxpool). Official code: no ReLU (False).
+  config.model.stem_relu = True
+  # Local torchvision ResNet state dict (.pth / .npz / .safetensors); "" = random init.
+  config.model.pretrained = ""
+  config.model.spatial_memory = True
+  config.model.temporal_memory = True
+  config.model.spatial_slots = 10  # M
+  config.model.temporal_slots = 5  # N
+  # Paper: one query per location ("per_location"). Official code HEAD: channel-flattened
+  # NCHW rows ("nchw_flat").
+  config.model.smem_layout = "per_location"
+  # Paper: true cosine similarity ("cosine"). Official code: keys normalised across memory
+  # slots ("code").
+  config.model.memory_similarity = "cosine"
+  config.model.dtype = "float32"  # compute dtype; parameters stay float32
+  config.model.drsa = ml_collections.ConfigDict()
+  config.model.sta = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- losses
+  config.loss = ml_collections.ConfigDict()
+  config.loss.ce_weight = 1.0
+  config.loss.label_smoothing = 0.0
+  config.loss.triplet_weight = 1.0
+  # Batch-hard triplet: soft margin (official code) when <= 0, else a hard margin.
+  config.loss.triplet_margin = 0.0
+  config.loss.spread_weight = 1.0  # memory spread loss; 0 turns it off
+  config.loss.spread_margin = 0.3  # alpha
+
+  # ---------------------------------------------------------------- optimiser
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.weight_decay = 1e-5  # coupled L2, as torch.optim.Adam(weight_decay=...)
+  config.optim.decay_every_epochs = 50
+  config.optim.decay_factor = 0.1
+  config.optim.num_epochs = 200
+  # Steps per epoch; -1 derives it: each training identity visited once (floor(C / P)).
+  config.optim.steps_per_epoch = -1
+
+  # ---------------------------------------------------------------- training loop
+  config.train = ml_collections.ConfigDict()
+  config.train.log_every_steps = 20
+  config.train.checkpoint_every_steps = 500
+  config.train.keep_checkpoints = 3
+  config.train.eval_every_epochs = 10
+  # "val": pick the best checkpoint on the held-out validation identities (paper).
+  # "test": the official code's habit of picking on the test set (labelled as such).
+  config.train.select_on = "val"
+
+  # ---------------------------------------------------------------- evaluation
+  config.eval = ml_collections.ConfigDict()
+  config.eval.sampling = "all_frames"  # "rrs" or "all_frames"
+  config.eval.clips = "interleaved"  # all-frames clips: "interleaved" (STMN) or "consecutive"
+  config.eval.flip = True  # average clip embeddings with their horizontal flip (STMN test)
+  config.eval.distance = "cosine"  # or "euclidean"
+  config.eval.ap = "noninterp"  # or "matlab" (trapezoid)
+  config.eval.rerank = False
+  config.eval.max_rank = 20
+  config.eval.checkpoint = "best"  # --mode=eval: "best" or "latest"
+  return config
+
+
+def _drsa_defaults(config: ml_collections.ConfigDict) -> None:
+  """DRSA (CVPR 2018); values the spec marks unverified are documented in models/drsa.py."""
+  config.model.last_stride = 2
+  config.model.drsa.num_parts = 6
+  config.model.drsa.hidden = 64
+  config.model.drsa.part_dim = 128
+  config.loss.diversity_weight = 1.0
+
+
+def _sta_defaults(config: ml_collections.ConfigDict) -> None:
+  """STA (AAAI 2019); values the spec marks unverified are documented in models/sta.py."""
+  config.model.last_stride = 1
+  config.model.stem_relu = True
+  config.model.sta.num_stripes = 4
+  config.model.sta.embed_dim = 1024
+  config.loss.interframe_weight = 3e-4
+  config.loss.triplet_margin = 0.3
+  config.data.seq_len = 4
+
+
+# Hooks that a model name applies on top of the defaults (configs/common.apply_model_preset).
+MODEL_DEFAULTS = {"drsa": _drsa_defaults, "sta": _sta_defaults}

@@ -1,0 +1,15 @@
+"""PRID2011: `--config=configs/prid2011.py[:model][,smoke]`; pick the split with
+`--config.dataset.split_id=0..9`."""
+
+from configs import common
+
+
+def _dataset(config):
+  config.dataset.name = "prid2011"
+  config.dataset.root = "data/prid2011"
+  config.dataset.split_id = 0
+  config.dataset.num_val_ids = 0
+
+
+def get_config(arg=None):
+  return common.build(arg, _dataset)
