@@ -1,0 +1,305 @@
+"""The tf.data input pipeline: host-local NumPy batches for training and evaluation.
+
+Train: for each step, `sampling.train_batch` picks the P x K tracklets and their RRS frames
+(a pure function of `(config.seed, step)`); this host takes its rows of the global batch; only
+those frames are read, decoded, resized and augmented (seeds from `(seed, step, row)`), in a
+parallel `map`. Eval: `sampling.eval_plan` lists every clip, padded to whole global batches and
+split over hosts; padding rows are zeros with `mask=False` and `tracklet_index=-1`.
+
+Frames come from the reader's file paths (`config.data.source == "files"`) or from a prepared
+TFDS ArrayRecord builder (`"tfds"`, see `data_pipelines/tfds_builders`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import sampling
+from data_pipelines import transforms
+from data_pipelines.tracklets import Tracklet
+
+_GPU_HIDDEN = False
+
+
+def _hide_gpus() -> None:
+  """Keep TF off the accelerators (JAX owns them)."""
+  global _GPU_HIDDEN
+  if _GPU_HIDDEN:
+    return
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
+    pass
+  _GPU_HIDDEN = True
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (lazy: the data layer stays light)
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def _parallel(config) -> int:
+  n = int(config.data.num_parallel_calls)
+  return tf.data.AUTOTUNE if n < 0 else max(1, n)
+
+
+def steps_per_epoch(num_train_ids: int, config) -> int:
+  """`config.optim.steps_per_epoch` if > 0, else floor(C / P) (each identity once per epoch)."""
+  configured = int(config.optim.get("steps_per_epoch", -1))
+  if configured > 0:
+    return configured
+  return sampling.num_groups(num_train_ids, int(config.data.num_ids_per_batch))
+
+
+# ------------------------------------------------------------------ frame sources
+
+
+class FrameSource:
+  """Maps (tracklet index, frame indices (L,)) to (L, H, W, 3) float32 frames in [0, 1]."""
+
+  def load(self, tracklet: tf.Tensor, frames: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    raise NotImplementedError
+
+
+class FileSource(FrameSource):
+  """Frames read from the tracklets' file paths (one flat path table + per-tracklet offsets)."""
+
+  def __init__(self, tracklets: Sequence[Tracklet]):
+    counts = np.asarray([t.num_frames for t in tracklets], np.int64)
+    self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts)
+                                else np.zeros((0,), np.int64), tf.int64)
+    self._paths = tf.constant([p for t in tracklets for p in t.frames], tf.string)
+
+  def load(self, tracklet, frames, height, width):
+    ids = tf.gather(self._offsets, tracklet) + tf.cast(frames, tf.int64)
+    return transforms.read_clip(tf.gather(self._paths, ids), height, width)
+
+
+def frame_source(tracklets: Sequence[Tracklet], config) -> FrameSource:
+  source = config.data.get("source", "files")
+  if source == "files":
+    return FileSource(tracklets)
+  if source == "tfds":
+    from data_pipelines import tfds_builders  # pylint: disable=g-import-not-at-top
+
+    return tfds_builders.TfdsSource(tracklets, config)
+  raise ValueError(f"config.data.source must be 'files' or 'tfds', got {source!r}")
+
+
+def _options(num_threads: int | None) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if num_threads:
+    options.threading.private_threadpool_size = int(num_threads)
+  return options
+
+
+# ------------------------------------------------------------------ training
+
+
+def _check_train(tracklets: Sequence[Tracklet]) -> None:
+  if not tracklets:
+    raise ValueError("train_iterator: no training tracklets")
+  pids = np.asarray([t.pid for t in tracklets])
+  if pids.min() < 0:
+    raise ValueError(
+        f"train_iterator: training pids must be relabelled to 0..C-1, got pid {pids.min()}"
+    )
+
+
+def local_train_batch(config, process_count: int) -> int:
+  """This host's share of the P x K batch (error if it does not divide evenly)."""
+  global_batch = int(config.data.num_ids_per_batch) * int(config.data.num_tracklets_per_id)
+  if global_batch % process_count:
+    raise ValueError(
+        f"the train batch P*K = {global_batch} (config.data.num_ids_per_batch x "
+        f"num_tracklets_per_id) is not divisible by the process count {process_count}"
+    )
+  return global_batch // process_count
+
+
+def train_dataset(
+    tracklets: Sequence[Tracklet],
+    config,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+) -> tf.data.Dataset:
+  """An endless tf.data.Dataset of this host's train batches from `start_step` on.
+
+  Elements: `frames` (B, L, H, W, 3) float32, `pid` (B,) int32, `camid` (B,) int32 with
+  B = P*K / process_count. `num_threads` sets tf.data's private thread pool (None: shared).
+  """
+  _hide_gpus()
+  _check_train(tracklets)
+  process_index, process_count = _process(process_index, process_count)
+  local = local_train_batch(config, process_count)
+  d = config.data
+  L, H, W = int(d.seq_len), int(d.height), int(d.width)
+  index = sampling.IdentityIndex.build([t.pid for t in tracklets], [t.camid for t in tracklets])
+  num_frames = np.asarray([t.num_frames for t in tracklets], np.int64)
+  pids = np.asarray([t.pid for t in tracklets], np.int32)
+  camids = np.asarray([t.camid for t in tracklets], np.int32)
+  spe = steps_per_epoch(index.num_ids, config)
+  seed = int(config.seed)
+  rows = np.arange(process_index * local, (process_index + 1) * local)
+
+  def plan(step: np.int64):
+    p = sampling.train_batch(
+        index, num_frames, int(step), seed=seed, seq_len=L,
+        num_ids_per_batch=int(d.num_ids_per_batch),
+        num_tracklets_per_id=int(d.num_tracklets_per_id), steps_per_epoch=spe,
+        prefer_cross_camera=bool(d.prefer_cross_camera),
+    )
+    t = p.tracklets[rows]
+    return (t.astype(np.int64), p.frames[rows].astype(np.int64), pids[t], camids[t],
+            rows.astype(np.int64))
+
+  def plan_tf(step):
+    t, f, pid, cam, row = tf.numpy_function(
+        plan, [step], [tf.int64, tf.int64, tf.int32, tf.int32, tf.int64], stateful=False
+    )
+    t.set_shape([local])
+    f.set_shape([local, L])
+    pid.set_shape([local])
+    cam.set_shape([local])
+    row.set_shape([local])
+    steps = tf.fill([local], step)
+    return tf.data.Dataset.from_tensor_slices((t, f, pid, cam, steps, row))
+
+  source = frame_source(tracklets, config)
+
+  def load(t, f, pid, cam, step, row):
+    frames = source.load(t, f, H, W)
+    frames = transforms.train_clip(frames, transforms.clip_seed(seed, step, row), d)
+    return {"frames": frames, "pid": pid, "camid": cam}
+
+  ds = tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
+  ds = ds.flat_map(plan_tf)
+  ds = ds.map(load, num_parallel_calls=_parallel(config), deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.prefetch(int(d.prefetch))
+  return ds.with_options(_options(num_threads))
+
+
+def train_iterator(
+    tracklets: Sequence[Tracklet],
+    config,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless host-local train batches `{"frames", "pid", "camid"}` from `start_step` on.
+
+  Deterministic in `(config.seed, step)`: `start_step=s` yields the batches an uninterrupted
+  run yields from step s on.
+  """
+  ds = train_dataset(
+      tracklets, config, start_step=start_step, process_index=process_index,
+      process_count=process_count, num_threads=num_threads,
+  )
+  return iter(ds.as_numpy_iterator())
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclasses.dataclass
+class EvalIterator:
+  """Re-iterable host-local eval batches `{"frames", "mask", "tracklet_index"}`.
+
+  `num_batches` is the same on every host; `plan` is the global `sampling.EvalPlan`
+  (clip -> tracklet mapping, mask); `local_batch` the per-host batch size.
+  """
+
+  plan: sampling.EvalPlan
+  process_index: int
+  _make: Callable[[], tf.data.Dataset]
+
+  @property
+  def num_batches(self) -> int:
+    return self.plan.num_batches
+
+  @property
+  def local_batch(self) -> int:
+    return self.plan.local_batch
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def dataset(self) -> tf.data.Dataset:
+    return self._make()
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self._make().as_numpy_iterator())
+
+
+def eval_iterator(
+    tracklets: Sequence[Tracklet],
+    config,
+    *,
+    sampling: str | None = None,  # pylint: disable=redefined-outer-name
+    clips: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+) -> EvalIterator:
+  """Eval batches of every clip of `tracklets` (B = config.data.eval_batch_size / hosts).
+
+  `sampling` ("rrs" | "all_frames") and `clips` ("interleaved" | "consecutive") default to
+  `config.eval.sampling` / `config.eval.clips`. Shapes are fixed (padding rows are zeros with
+  `mask=False`, `tracklet_index=-1`), so a jitted eval step compiles once.
+  """
+  from data_pipelines import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+
+  _hide_gpus()
+  mode = sampling or config.eval.sampling
+  clips = clips or config.eval.clips
+  process_index, process_count = _process(process_index, process_count)
+  d = config.data
+  L, H, W = int(d.seq_len), int(d.height), int(d.width)
+  plan = sampling_lib.eval_plan(
+      [t.num_frames for t in tracklets], seq_len=L, sampling=mode, clips=clips,
+      global_batch=int(d.eval_batch_size), process_count=process_count,
+  )
+  rows = plan.host_rows(process_index)
+  local = plan.local_batch
+  t_rows = plan.tracklet[rows].astype(np.int32)
+  f_rows = plan.frames[rows].astype(np.int64)
+  m_rows = plan.mask[rows]
+
+  def make() -> tf.data.Dataset:
+    source = frame_source(tracklets, config) if tracklets else None
+
+    def load(t, f, m):
+      if source is None:
+        frames = tf.zeros([L, H, W, 3], tf.float32)
+      else:
+        frames = tf.cond(
+            m,
+            lambda: transforms.eval_clip(source.load(tf.maximum(t, 0), f, H, W), d),
+            lambda: tf.zeros([L, H, W, 3], tf.float32),
+        )
+      return {"frames": frames, "mask": m, "tracklet_index": t}
+
+    ds = tf.data.Dataset.from_tensor_slices((t_rows, f_rows, m_rows))
+    ds = ds.map(load, num_parallel_calls=_parallel(config), deterministic=True)
+    ds = ds.batch(local, drop_remainder=True)
+    ds = ds.prefetch(int(d.prefetch))
+    return ds.with_options(_options(num_threads))
+
+  return EvalIterator(plan=plan, process_index=process_index, _make=make)

@@ -1,0 +1,158 @@
+"""TF ops on one clip: decode, resize, horizontal flip, random erasing, normalisation.
+
+All randomness is stateless (`tf.random.stateless_*`) and comes from a seed derived from
+`(config.seed, step, index in the global batch)` by `clip_seed`, so batches are reproducible
+and a resumed run sees the same augmentations.
+
+Order as the official STMN training transform: resize -> [0, 1] -> normalise -> random erasing
+(erased pixels set to 0 after normalisation, i.e. the mean colour), plus a horizontal flip drawn
+once per tracklet and applied to all its frames.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+# Tags that keep the random streams of one clip apart.
+_FLIP_TAG = 1
+_ERASE_TAG = 2
+
+# Bounded version of the official "up to 100 attempts" loop: all attempts are drawn at once and
+# the first one that fits is used.
+ERASING_ATTEMPTS = 100
+
+
+def clip_seed(seed: int | tf.Tensor, step: int | tf.Tensor, index: int | tf.Tensor) -> tf.Tensor:
+  """A stateless seed for one clip: `(seed, step, index in the global batch)` -> (2,) int32."""
+  base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+  s = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+  return tf.random.experimental.stateless_fold_in(s, tf.cast(index, tf.int64))
+
+
+def decode_frame(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """Encoded JPEG/PNG bytes -> (H, W, 3) float32 in [0, 1], resized bilinearly.
+
+  `antialias=True` so that downscaling matches PIL's bilinear resize (the official code's
+  torchvision `Resize`); frames already at (H, W) are only converted.
+  """
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  shape = tf.shape(image)
+  same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
+  image = tf.cond(
+      same,
+      lambda: image,
+      lambda: tf.image.resize(image, (height, width), method="bilinear", antialias=True),
+  )
+  image = tf.clip_by_value(image, 0.0, 1.0)
+  image.set_shape([height, width, 3])
+  return image
+
+
+def decode_clip(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """(L,) encoded frames -> (L, H, W, 3) float32 in [0, 1]."""
+  return tf.map_fn(
+      lambda e: decode_frame(e, height, width),
+      encoded,
+      fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+  )
+
+
+def read_clip(paths: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """(L,) file paths -> (L, H, W, 3) float32 in [0, 1]; only these files are read."""
+  return tf.map_fn(
+      lambda p: decode_frame(tf.io.read_file(p), height, width),
+      paths,
+      fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+  )
+
+
+def normalize(frames: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """(..., 3) in [0, 1] -> (x - mean) / std per channel (ImageNet statistics by default)."""
+  mean = tf.constant(mean, frames.dtype)
+  std = tf.constant(std, frames.dtype)
+  return (frames - mean) / std
+
+
+def flip_clip(frames: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+  """(L, H, W, C) -> the same clip mirrored left-right if `flip` (a scalar bool), all frames."""
+  return tf.where(flip, tf.reverse(frames, axis=[2]), frames)
+
+
+def random_flip(frames: tf.Tensor, seed: tf.Tensor, prob: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """One flip decision per clip with probability `prob`: -> (flipped clip, flip bool)."""
+  s = tf.random.experimental.stateless_fold_in(seed, _FLIP_TAG)
+  flip = tf.random.stateless_uniform([], s) < prob
+  return flip_clip(frames, flip), flip
+
+
+def erasing_boxes(
+    seed: tf.Tensor,
+    num_frames: int,
+    height: int,
+    width: int,
+    prob: float,
+    area: Sequence[float],
+    aspect: Sequence[float],
+    attempts: int = ERASING_ATTEMPTS,
+) -> tf.Tensor:
+  """Random-erasing rectangles, one per frame: -> (L, 4) int32 `[top, left, h, w]`.
+
+  Per frame: with probability `prob`, draw `attempts` candidates of area `U(area) * H * W` and
+  aspect ratio `U(aspect)` (h / w, uniform as in the original Random Erasing code), keep the
+  first with h < H and w < W, place it uniformly. `h = w = 0` means the frame is not erased.
+  """
+  s = tf.random.experimental.stateless_fold_in(seed, _ERASE_TAG)
+  keys = tf.random.experimental.stateless_split(s, 4)
+  shape = [num_frames, attempts]
+  apply = tf.random.stateless_uniform([num_frames], keys[0]) < prob
+  target = tf.random.stateless_uniform(shape, keys[1], area[0], area[1]) * float(height * width)
+  ratio = tf.random.stateless_uniform(shape, keys[2], aspect[0], aspect[1])
+  h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
+  fits = (h < height) & (w < width) & (h > 0) & (w > 0)
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+  found = tf.reduce_any(fits, axis=1) & apply
+  h = tf.where(found, tf.gather(h, first, batch_dims=1), 0)
+  w = tf.where(found, tf.gather(w, first, batch_dims=1), 0)
+  u = tf.random.stateless_uniform([num_frames, 2], keys[3])
+  # top in [0, H - h], left in [0, W - w], inclusive (random.randint).
+  top = tf.minimum(tf.cast(u[:, 0] * tf.cast(height - h + 1, tf.float32), tf.int32), height - h)
+  left = tf.minimum(tf.cast(u[:, 1] * tf.cast(width - w + 1, tf.float32), tf.int32), width - w)
+  return tf.stack([top, left, h, w], axis=1)
+
+
+def box_masks(boxes: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """(L, 4) `[top, left, h, w]` -> (L, H, W, 1) float32, 1 inside the box."""
+  rows = tf.range(height)[None, :]
+  cols = tf.range(width)[None, :]
+  top, left, h, w = (boxes[:, i : i + 1] for i in range(4))
+  in_rows = (rows >= top) & (rows < top + h)  # (L, H)
+  in_cols = (cols >= left) & (cols < left + w)  # (L, W)
+  return tf.cast(in_rows[:, :, None, None] & in_cols[:, None, :, None], tf.float32)
+
+
+def erase(frames: tf.Tensor, boxes: tf.Tensor, value: float = 0.0) -> tf.Tensor:
+  """(L, H, W, C) -> the boxes filled with `value` (0 after normalisation = the mean colour)."""
+  mask = box_masks(boxes, frames.shape[1], frames.shape[2])
+  return frames * (1.0 - mask) + value * mask
+
+
+def train_clip(frames01: tf.Tensor, seed: tf.Tensor, data_config) -> tf.Tensor:
+  """(L, H, W, 3) in [0, 1] -> flipped (per clip), normalised, erased (per frame) float32."""
+  num_frames, height, width = frames01.shape[0], frames01.shape[1], frames01.shape[2]
+  frames, _ = random_flip(frames01, seed, data_config.flip_prob)
+  frames = normalize(frames, data_config.mean, data_config.std)
+  boxes = erasing_boxes(
+      seed, num_frames, height, width, data_config.erasing_prob,
+      tuple(data_config.erasing_area), tuple(data_config.erasing_aspect),
+  )
+  return erase(frames, boxes, 0.0)
+
+
+def eval_clip(frames01: tf.Tensor, data_config) -> tf.Tensor:
+  """(L, H, W, 3) in [0, 1] -> normalised float32 (no randomness)."""
+  return normalize(frames01, data_config.mean, data_config.std)
