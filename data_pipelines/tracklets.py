@@ -98,3 +98,46 @@ def arrays(tracklets: Sequence[Tracklet]) -> dict[str, np.ndarray]:
       "camid": np.asarray([t.camid for t in tracklets], np.int32),
       "num_frames": np.asarray([t.num_frames for t in tracklets], np.int32),
   }
+
+
+def holdout_validation(
+    split: Split, num_val_ids: int, num_val_queries: int, seed: int
+) -> tuple[Split, Split]:
+  """The paper's model selection: hold out `num_val_ids` random training identities.
+
+  Returns `(train_split, val_split)`. `train_split` keeps `split`'s query and gallery and trains
+  on the other identities, relabelled 0..C'-1. `val_split` (named "<name>-val", no train part)
+  has as gallery every held-out tracklet (queries included, as MARS's official protocol; the
+  evaluation drops same-pid-same-camera items) and as query at most `num_val_queries` random
+  held-out tracklets, taken first among those with a held-out tracklet of the same pid in another
+  camera (a valid match), then among the rest. Val pids are the (relabelled) train pids.
+  Deterministic for `seed` (NumPy PCG64).
+  """
+  pids = sorted({t.pid for t in split.train})
+  if not 0 < num_val_ids < len(pids):
+    raise ValueError(
+        f"num_val_ids={num_val_ids}: expected 1..{len(pids) - 1} (the {split.name} train part "
+        f"has {len(pids)} identities)"
+    )
+  if num_val_queries < 1:
+    raise ValueError(f"num_val_queries={num_val_queries}: expected >= 1")
+  rng = np.random.default_rng(seed)
+  val_ids = {int(p) for p in rng.choice(np.asarray(pids), size=num_val_ids, replace=False)}
+  held = [t for t in split.train if t.pid in val_ids]
+  cams: dict[int, set[int]] = {}
+  for t in held:
+    cams.setdefault(t.pid, set()).add(t.camid)
+  matched = [i for i, t in enumerate(held) if cams[t.pid] - {t.camid}]
+  unmatched = [i for i, t in enumerate(held) if not cams[t.pid] - {t.camid}]
+  order = [*rng.permutation(matched).tolist(), *rng.permutation(unmatched).tolist()]
+  chosen = sorted(order[:num_val_queries])
+  val = Split(
+      name=f"{split.name}-val",
+      train=(),
+      query=tuple(held[i] for i in chosen),
+      gallery=tuple(held),
+  )
+  train = dataclasses.replace(
+      split, train=relabel(t for t in split.train if t.pid not in val_ids)
+  )
+  return train, val

@@ -1,0 +1,104 @@
+"""Summary of a dataset as the readers see it.
+
+    python -m data_pipelines.inspect --dataset=mars --root=DIR [--protocol=official|torchreid]
+        [--split-id N] [--no-distractors] [--json] [--verify]
+    python -m data_pipelines.inspect --dataset=prid2011 --root=DIR --make-splits SEED
+        [--min-frames 27] [--splits-mat PATH]
+
+Prints a table of ids / tracklets / frames / cameras per part and the number of queries without
+a valid gallery match; with `--json`, exactly one JSON object (`Split.summary()`):
+`{"dataset", "splits": {"train"|"query"|"gallery": {"ids", "tracklets", "frames", "cameras"}},
+"queries_without_match"}`. `--verify` decodes every frame (slow on MARS). `--make-splits SEED`
+(PRID2011 only) first writes `splits_prid2011.json` (see data_pipelines/readers/prid2011.py);
+`--splits-mat` converts the authors' `train_test_splits_prid.mat` instead. Errors go to stderr
+with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from data_pipelines import readers
+from data_pipelines.readers import prid2011
+from data_pipelines.tracklets import Split
+
+PARTS = ("train", "query", "gallery")
+COLUMNS = ("ids", "tracklets", "frames", "cameras")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m data_pipelines.inspect", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", required=True, choices=readers.available())
+  p.add_argument("--root", required=True, help="the dataset folder (native layout)")
+  p.add_argument("--protocol", default="official", choices=("official", "torchreid"),
+                 help="MARS / DukeV gallery protocol")
+  p.add_argument("--split-id", type=int, default=0, help="iLIDS-VID / PRID2011 split (0..9)")
+  p.add_argument("--no-distractors", dest="distractors", action="store_false",
+                 help="drop pid 0 distractors (MARS, DukeV)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--verify", action="store_true", help="decode every frame with PIL")
+  p.add_argument("--make-splits", type=int, default=None, metavar="SEED",
+                 help="PRID2011: write splits_prid2011.json (10 random splits) first")
+  p.add_argument("--splits-mat", default=None, metavar="PATH",
+                 help="PRID2011: write splits_prid2011.json from train_test_splits_prid.mat")
+  p.add_argument("--min-frames", type=int, default=prid2011.DEFAULT_MIN_FRAMES,
+                 help="PRID2011 split making: minimum frames per camera")
+  return p.parse_args(argv)
+
+
+def _dataset_config(args: argparse.Namespace):
+  """A `config.dataset` for --dataset=synthetic (the generator's knobs from its config)."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+
+  cfg = synthetic.get_config().dataset
+  cfg.root = args.root
+  cfg.protocol = args.protocol
+  cfg.distractors = args.distractors
+  return cfg
+
+
+def read(args: argparse.Namespace) -> Split:
+  options = dict(protocol=args.protocol, split_id=args.split_id, distractors=args.distractors,
+                 verify_images=args.verify)
+  if args.dataset == readers.SYNTHETIC:
+    return readers.read_from_config(_dataset_config(args), verify_images=args.verify)
+  return readers.read_dataset(args.dataset, args.root,
+                              **readers.reader_kwargs(args.dataset, options))
+
+
+def table(summary: dict) -> str:
+  """The summary as a fixed-width text table."""
+  lines = [f"dataset: {summary['dataset']}",
+           f"{'part':<8}" + "".join(f"{c:>11}" for c in COLUMNS)]
+  for part in PARTS:
+    counts = summary["splits"][part]
+    lines.append(f"{part:<8}" + "".join(f"{counts[c]:>11,}" for c in COLUMNS))
+  lines.append(f"queries without a valid gallery match: {summary['queries_without_match']}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    if args.make_splits is not None or args.splits_mat is not None:
+      if args.dataset != "prid2011":
+        raise readers.DatasetError("--make-splits / --splits-mat apply to --dataset=prid2011 only")
+      if args.splits_mat is not None:
+        path = prid2011.splits_from_mat(args.root, args.splits_mat, args.min_frames)
+      else:
+        path = prid2011.make_splits(args.root, args.make_splits, min_frames=args.min_frames)
+      print(f"wrote {path}", file=sys.stderr)
+    summary = read(args).summary()
+  except readers.DatasetError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary) if args.json else table(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
