@@ -1,0 +1,161 @@
+"""TF clip transforms: decode/resize, per-clip flip, per-frame random erasing, normalisation."""
+
+import io
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+tf = pytest.importorskip("tensorflow")
+
+from data_pipelines import transforms  # pylint: disable=g-import-not-at-top
+
+H, W = 32, 16
+
+
+def _data_config(**over):
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  d = default.get_config().data
+  d = ml_collections.ConfigDict(d.to_dict())
+  for k, v in over.items():
+    d[k] = v
+  return d
+
+
+def _encode(array, fmt):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def test_decode_png_exact_and_jpeg_close():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+  out = transforms.decode_frame(tf.constant(_encode(img, "PNG")), H, W).numpy()
+  assert out.shape == (H, W, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, img / 255.0, atol=1e-6)
+  smooth = np.broadcast_to(np.linspace(0, 255, W, dtype=np.uint8)[None, :, None], (H, W, 3))
+  out = transforms.decode_frame(
+      tf.constant(_encode(np.ascontiguousarray(smooth), "JPEG")), H, W).numpy()
+  np.testing.assert_allclose(out, smooth / 255.0, atol=0.05)
+
+
+def test_decode_grayscale_gives_three_channels():
+  gray = np.full((H, W), 77, np.uint8)
+  out = transforms.decode_frame(tf.constant(_encode(gray, "PNG")), H, W).numpy()
+  np.testing.assert_allclose(out, np.full((H, W, 3), 77 / 255.0), atol=1e-6)
+
+
+def test_resize_matches_pil_bilinear():
+  rng = np.random.default_rng(1)
+  big = rng.integers(0, 256, (2 * H, 2 * W, 3), dtype=np.uint8)
+  # Smooth the image so both bilinear filters agree up to rounding.
+  big = np.asarray(Image.fromarray(big).resize((4, 8)).resize((2 * W, 2 * H), Image.BILINEAR))
+  ours = transforms.decode_frame(tf.constant(_encode(big, "PNG")), H, W).numpy()
+  pil = np.asarray(Image.fromarray(big).resize((W, H), Image.BILINEAR)) / 255.0
+  assert ours.shape == (H, W, 3)
+  assert np.abs(ours - pil).mean() < 0.01
+
+
+def test_normalize_values():
+  x = np.random.default_rng(2).random((2, 4, 3, 3)).astype(np.float32)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  out = transforms.normalize(tf.constant(x), mean, std).numpy()
+  expect = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+  np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
+  # A pixel equal to the mean colour maps to 0.
+  m = np.broadcast_to(np.array(mean, np.float32), (1, 1, 1, 3))
+  np.testing.assert_allclose(transforms.normalize(tf.constant(m), mean, std).numpy(), 0,
+                             atol=1e-7)
+
+
+def test_flip_flips_every_frame_of_a_clip_together():
+  clip = np.random.default_rng(3).random((5, H, W, 3)).astype(np.float32)
+  flips = 0
+  for i in range(40):
+    out, flip = transforms.random_flip(tf.constant(clip), transforms.clip_seed(0, 7, i), 0.5)
+    out = out.numpy()
+    if bool(flip):
+      flips += 1
+      np.testing.assert_array_equal(out, clip[:, :, ::-1])
+    else:
+      np.testing.assert_array_equal(out, clip)
+  assert 8 <= flips <= 32
+  never, f0 = transforms.random_flip(tf.constant(clip), transforms.clip_seed(0, 0, 0), 0.0)
+  always, f1 = transforms.random_flip(tf.constant(clip), transforms.clip_seed(0, 0, 0), 1.0)
+  assert not bool(f0) and bool(f1)
+  np.testing.assert_array_equal(always.numpy(), clip[:, :, ::-1])
+
+
+def test_erasing_boxes_respect_area_aspect_and_image_bounds():
+  area, aspect = (0.02, 0.4), (0.3, 3.3)
+  boxes = np.concatenate([
+      transforms.erasing_boxes(transforms.clip_seed(1, s, 0), 50, H, W, 0.5, area,
+                               aspect).numpy()
+      for s in range(20)
+  ])
+  top, left, h, w = boxes.T
+  erased = h > 0
+  assert 0.4 < erased.mean() < 0.6  # p = 0.5 per frame
+  assert (w[~erased] == 0).all()
+  th, tl, hh, ww = top[erased], left[erased], h[erased], w[erased]
+  assert (th >= 0).all() and (tl >= 0).all()
+  assert (th + hh <= H).all() and (tl + ww <= W).all()
+  assert (hh < H).all() and (ww < W).all()
+  # h = round(sqrt(A r)), w = round(sqrt(A / r)), A <= 0.4 HW: the rounding adds at most
+  # 0.5 (sqrt(A r) + sqrt(A / r)) + 0.25 to the area.
+  a_max = area[1] * H * W
+  slack = 0.5 * np.sqrt(a_max) * (np.sqrt(aspect[1]) + 1 / np.sqrt(aspect[0])) + 0.25
+  assert (hh * ww <= a_max + slack).all()
+  # Placement is spread over the image, not pinned to a corner.
+  assert len(np.unique(th)) > 5 and len(np.unique(tl)) > 3
+  none = transforms.erasing_boxes(transforms.clip_seed(1, 0, 0), 50, H, W, 0.0, area, aspect)
+  assert (none.numpy()[:, 2:] == 0).all()
+
+
+def test_erasing_area_fraction_distribution_is_within_bounds():
+  # Without rounding effects (a big image) the erased fraction lies in the configured range.
+  big_h, big_w = 512, 256
+  boxes = transforms.erasing_boxes(transforms.clip_seed(2, 0, 0), 400, big_h, big_w, 1.0,
+                                   (0.02, 0.4), (0.3, 3.3)).numpy()
+  frac = boxes[:, 2] * boxes[:, 3] / (big_h * big_w)
+  assert (boxes[:, 2] > 0).all()
+  assert frac.min() >= 0.02 * 0.97 and frac.max() <= 0.4 * 1.03
+  assert frac.max() > 0.2  # large boxes happen too
+
+
+def test_erase_zeroes_exactly_the_box():
+  frames = np.ones((2, H, W, 3), np.float32) * 2.0
+  boxes = tf.constant([[3, 4, 5, 6], [0, 0, 0, 0]], tf.int32)
+  out = transforms.erase(tf.constant(frames), boxes).numpy()
+  expect = frames.copy()
+  expect[0, 3:8, 4:10] = 0.0
+  np.testing.assert_array_equal(out, expect)
+
+
+def test_train_clip_is_deterministic_in_its_seed():
+  d = _data_config(erasing_prob=1.0, flip_prob=0.5)
+  clip = tf.constant(np.random.default_rng(4).random((4, H, W, 3)).astype(np.float32))
+  a = transforms.train_clip(clip, transforms.clip_seed(0, 3, 1), d).numpy()
+  b = transforms.train_clip(clip, transforms.clip_seed(0, 3, 1), d).numpy()
+  c = transforms.train_clip(clip, transforms.clip_seed(0, 3, 2), d).numpy()
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # Every frame has an erased (exactly 0) rectangle, the rest is the normalised (maybe flipped)
+  # clip.
+  norm = transforms.normalize(clip, d.mean, d.std).numpy()
+  for frame, ref_plain, ref_flip in zip(a, norm, norm[:, :, ::-1]):
+    keep = np.any(frame != 0, axis=-1)
+    assert (~keep).sum() > 0
+    ok_plain = np.allclose(frame[keep], ref_plain[keep])
+    ok_flip = np.allclose(frame[keep], ref_flip[keep])
+    assert ok_plain or ok_flip
+
+
+def test_clip_seeds_differ_by_step_and_index():
+  seeds = {tuple(transforms.clip_seed(0, s, i).numpy().tolist()) for s in range(4)
+           for i in range(4)}
+  assert len(seeds) == 16
+  assert (transforms.clip_seed(0, 1, 2).numpy() != transforms.clip_seed(1, 1, 2).numpy()).any()
