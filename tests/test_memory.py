@@ -1,0 +1,160 @@
+"""Spatial and temporal memories against direct NumPy computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stmn_jax.models import memory
+
+
+def _softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _np_logits(q, k, similarity):
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  if similarity == "cosine":
+    kn = k / np.linalg.norm(k, axis=1, keepdims=True)
+  else:  # official code: each feature dimension normalised over the slots
+    kn = k / np.linalg.norm(k, axis=0, keepdims=True)
+  return qn @ kn.T
+
+
+def _np_spatial(query, value, keys, values, gamma, beta, similarity, layout, eps=1e-5):
+  """Direct NumPy spatial memory in training mode; returns refined, probs."""
+  n, h, w, d = query.shape
+  if layout == "per_location":
+    rows = query.reshape(n * h * w, d)
+  else:  # torch-style: NCHW tensor .reshape(-1, D)
+    rows = query.transpose(0, 3, 1, 2).reshape(-1, d)
+  a = _softmax(_np_logits(rows, keys, similarity))
+  r = a @ values
+  r = (r - r.mean(0)) / np.sqrt(r.var(0) + eps) * gamma + beta
+  if layout == "per_location":
+    r_map = r.reshape(n, h, w, d)
+  else:
+    r_map = r.reshape(n, d, h, w).transpose(0, 2, 3, 1)
+  return value - r_map, a.reshape(n, h * w, -1)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "code"])
+@pytest.mark.parametrize("layout", ["per_location", "nchw_flat"])
+def test_spatial_memory_matches_numpy(similarity, layout):
+  d, m = 12, 5
+  mem = memory.SpatialMemory(d, m, layout=layout, similarity=similarity, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  # non-zero BN scale / bias so the read-out actually changes the features
+  gamma = rng.normal(size=d).astype(np.float32)
+  beta = rng.normal(size=d).astype(np.float32)
+  mem.bn.scale.value = jnp.asarray(gamma)
+  mem.bn.bias.value = jnp.asarray(beta)
+  q = rng.normal(size=(3, 4, 2, d)).astype(np.float32)
+  v = rng.random(size=(3, 4, 2, d)).astype(np.float32)
+  refined, probs = mem(jnp.asarray(q), jnp.asarray(v))
+  keys = np.asarray(mem.mem_keys.value, np.float64)
+  values = np.asarray(mem.mem_values.value, np.float64)
+  exp_ref, exp_probs = _np_spatial(
+      q.astype(np.float64), v.astype(np.float64), keys, values, gamma, beta, similarity, layout)
+  np.testing.assert_allclose(probs, exp_probs, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(refined, exp_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_similarity_modes_and_layouts_differ():
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(7, 16)).astype(np.float32)
+  k = rng.normal(size=(4, 16)).astype(np.float32)
+  cos = np.asarray(memory.memory_logits(q, k, "cosine"))
+  code = np.asarray(memory.memory_logits(q, k, "code"))
+  assert np.all(np.abs(cos) <= 1 + 1e-5)
+  assert np.abs(code).max() > 1.0  # the code's keys are not unit vectors: ~sqrt(D/M) norms
+  x = rng.normal(size=(2, 3, 2, 6)).astype(np.float32)
+  for layout in memory.LAYOUTS:
+    rows = memory.to_query_rows(jnp.asarray(x), layout)
+    np.testing.assert_array_equal(memory.from_query_rows(rows, 3, 2, layout), x)
+  np.testing.assert_array_equal(memory.to_query_rows(jnp.asarray(x), "per_location")[0, 1], x[0, 0, 1])
+  np.testing.assert_array_equal(
+      memory.to_query_rows(jnp.asarray(x), "nchw_flat")[0, 0], x[0].transpose(2, 0, 1).ravel()[:6])
+  with pytest.raises(ValueError, match="smem_layout"):
+    memory.SpatialMemory(6, 3, layout="nhwc", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="memory_similarity"):
+    memory.SpatialMemory(6, 3, similarity="dot", rngs=nnx.Rngs(0))
+
+
+def test_spatial_memory_init_is_identity_and_param_init():
+  mem = memory.SpatialMemory(32, 10, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(2, 4, 2, 32)).astype(np.float32)
+  v = rng.random(size=(2, 4, 2, 32)).astype(np.float32)
+  refined, _ = mem(jnp.asarray(q), jnp.asarray(v))
+  np.testing.assert_allclose(refined, v, atol=1e-6)  # BN gamma = beta = 0 at init
+  keys = np.asarray(mem.mem_keys.value)
+  assert isinstance(mem.mem_keys, nnx.Param) and isinstance(mem.mem_values, nnx.Param)
+  assert abs(keys.mean()) < 0.2 and 0.8 < keys.std() < 1.2
+
+
+def _np_lstm(xs, wi, wh, b):
+  """flax OptimizedLSTMCell math (gates i, f, g, o) in NumPy. xs (B, L, D) -> h_L (B, H)."""
+  bsz, hdim = xs.shape[0], wh.shape[0]
+  h = np.zeros((bsz, hdim))
+  c = np.zeros((bsz, hdim))
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  for t in range(xs.shape[1]):
+    z = xs[:, t] @ wi + h @ wh + b
+    i, f, g, o = np.split(z, 4, axis=-1)
+    c = sig(f) * c + sig(i) * np.tanh(g)
+    h = sig(o) * np.tanh(c)
+  return h
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "code"])
+def test_temporal_memory_matches_numpy_and_weights_sum_to_one(similarity):
+  d, n, length = 8, 3, 5
+  mem = memory.TemporalMemory(d, n, length, similarity=similarity, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(4)
+  q = rng.normal(size=(2, length, d)).astype(np.float32)
+  f = rng.random(size=(2, length, d)).astype(np.float32)
+  seq, probs, weights = mem(jnp.asarray(q), jnp.asarray(f))
+  cell = mem.lstm
+  wi = np.asarray(cell.dense_i.kernel.value, np.float64)
+  wh = np.asarray(cell.dense_h.kernel.value, np.float64)
+  b = np.asarray(cell.dense_h.bias.value, np.float64)
+  h = _np_lstm(q.astype(np.float64), wi, wh, b)
+  p = _softmax(_np_logits(h, np.asarray(mem.mem_keys.value, np.float64), similarity))
+  w = _softmax(p @ np.asarray(mem.mem_values.value, np.float64))
+  np.testing.assert_allclose(probs, p, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(weights, w, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(seq, np.einsum("bl,bld->bd", w, f), rtol=1e-4, atol=1e-6)
+  vals = np.asarray(mem.mem_values.value)
+  assert vals.shape == (n, length) and vals.min() >= 0 and vals.max() < 1
+  with pytest.raises(ValueError, match="seq_len"):
+    mem(jnp.asarray(q[:, :4]), jnp.asarray(f[:, :4]))
+
+
+def test_gradients_reach_memory_keys_and_values():
+  smem = memory.SpatialMemory(8, 4, rngs=nnx.Rngs(0))
+  smem.bn.scale.value = jnp.ones(8)  # gamma = 0 at init blocks the values' gradient
+  tmem = memory.TemporalMemory(8, 3, 4, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(2, 4, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.random(size=(2, 4, 2, 8)), jnp.float32)
+  tq = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32)
+  tf = jnp.asarray(rng.random(size=(2, 4, 8)), jnp.float32)
+
+  def sloss(m):
+    refined, probs = m(q, v)
+    return jnp.sum(refined ** 2) + jnp.sum(probs[..., 0])
+
+  def tloss(m):
+    seq, probs, _ = m(tq, tf)
+    return jnp.sum(seq * jnp.arange(8.0)) + probs[0, 0]
+
+  gs = nnx.grad(sloss)(smem)
+  gt = nnx.grad(tloss)(tmem)
+  for g in (gs["mem_keys"], gs["mem_values"], gt["mem_keys"], gt["mem_values"]):
+    arr = np.asarray(g.value)
+    assert np.all(np.isfinite(arr)) and np.abs(arr).max() > 0
