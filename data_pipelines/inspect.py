@@ -1,7 +1,7 @@
 """Summary of a dataset as the readers see it.
 
     python -m data_pipelines.inspect --dataset=mars --root=DIR [--protocol=official|torchreid]
-        [--split-id N] [--no-distractors] [--json] [--verify]
+        [--split-id N] [--no-distractors] [--json] [--verify] [--check-files=size|exists|none]
     python -m data_pipelines.inspect --dataset=prid2011 --root=DIR --make-splits SEED
         [--min-frames 27] [--splits-mat PATH]
 
@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="drop pid 0 distractors (MARS, DukeV)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.add_argument("--verify", action="store_true", help="decode every frame with PIL")
+  p.add_argument("--check-files", default="size", choices=("size", "exists", "none"),
+                 help="frame check: exists and not empty (size), exists, or none")
   p.add_argument("--make-splits", type=int, default=None, metavar="SEED",
                  help="PRID2011: write splits_prid2011.json (10 random splits) first")
   p.add_argument("--splits-mat", default=None, metavar="PATH",
@@ -63,9 +65,10 @@ def _dataset_config(args: argparse.Namespace):
 
 def read(args: argparse.Namespace) -> Split:
   options = dict(protocol=args.protocol, split_id=args.split_id, distractors=args.distractors,
-                 verify_images=args.verify)
+                 verify_images=args.verify, check_files=args.check_files)
   if args.dataset == readers.SYNTHETIC:
-    return readers.read_from_config(_dataset_config(args), verify_images=args.verify)
+    return readers.read_from_config(_dataset_config(args), verify_images=args.verify,
+                                    check_files=args.check_files)
   return readers.read_dataset(args.dataset, args.root,
                               **readers.reader_kwargs(args.dataset, options))
 

@@ -124,10 +124,15 @@ def test_mars_missing_frame_and_empty_frame(tmp_path):
   with pytest.raises(DatasetError, match="empty") as e:
     mars.read(root)
   assert frame in str(e.value)
+  assert mars.read(root, check_files="exists") == mars.read(root, check_files="none")
   os.remove(frame)
-  with pytest.raises(DatasetError, match="does not exist") as e:
-    mars.read(root)
-  assert frame in str(e.value)
+  for check in ("size", "exists"):
+    with pytest.raises(DatasetError, match="does not exist") as e:
+      mars.read(root, check_files=check)
+    assert frame in str(e.value)
+  assert frame in mars.read(root, check_files="none").gallery[1].frames
+  with pytest.raises(DatasetError, match="check_files='all'"):
+    mars.read(root, check_files="all")
 
 
 def test_mars_pid_camera_mismatch(tmp_path):

@@ -87,8 +87,12 @@ def read(
     protocol: str = "official",
     distractors: bool = True,
     verify_images: bool = False,
+    check_files: str = "size",
 ) -> tl.Split:
-  """Reads DukeMTMC-VideoReID under `root` (layout in the module docstring) -> Split."""
+  """Reads DukeMTMC-VideoReID under `root` (layout in the module docstring) -> Split.
+
+  `verify_images` / `check_files`: see `common.check_split`.
+  """
   if protocol not in PROTOCOLS:
     raise DatasetError(f"DukeV protocol {protocol!r}: expected one of {PROTOCOLS}")
   common.require_dir(root, "DukeMTMC-VideoReID root folder", LAYOUT)
@@ -108,4 +112,4 @@ def read(
       query=tuple(query),
       gallery=tuple(t for t in gallery if keep(t)),
   )
-  return common.check_split(split, verify_images)
+  return common.check_split(split, verify_images, check_files)

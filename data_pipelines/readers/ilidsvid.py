@@ -46,8 +46,12 @@ def _check_name(path: str, person: str) -> None:
 
 
 @common.register("ilidsvid")
-def read(root: str, split_id: int = 0, verify_images: bool = False) -> tl.Split:
-  """Reads split `split_id` (0..9) of iLIDS-VID under `root` -> Split("ilidsvid", ...)."""
+def read(root: str, split_id: int = 0, verify_images: bool = False,
+         check_files: str = "size") -> tl.Split:
+  """Reads split `split_id` (0..9) of iLIDS-VID under `root` -> Split("ilidsvid", ...).
+
+  `verify_images` / `check_files`: see `common.check_split`.
+  """
   common.require_dir(root, "iLIDS-VID root folder", LAYOUT)
   seq = common.first_existing(
       [os.path.join(root, "i-LIDS-VID", "sequences"), os.path.join(root, "sequences")],
@@ -73,4 +77,4 @@ def read(root: str, split_id: int = 0, verify_images: bool = False) -> tl.Split:
   test = [persons[i - 1] for i in sorted(row[:half].tolist())]
   train = [persons[i - 1] for i in sorted(row[half:].tolist())]
   split = two_camera.split("ilidsvid", cam_dirs, train, test, _check_name)
-  return common.check_split(split, verify_images)
+  return common.check_split(split, verify_images, check_files)

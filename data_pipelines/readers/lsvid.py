@@ -108,8 +108,12 @@ def _tracklets(root: str, list_file: str, cache: common.DirCache) -> list[tl.Tra
 
 
 @common.register("lsvid")
-def read(root: str, verify_images: bool = False) -> tl.Split:
-  """Reads LS-VID under `root` (layout in the module docstring) -> Split("lsvid", ...)."""
+def read(root: str, verify_images: bool = False,
+         check_files: str = "size") -> tl.Split:
+  """Reads LS-VID under `root` (layout in the module docstring) -> Split("lsvid", ...).
+
+  `verify_images` / `check_files`: see `common.check_split`.
+  """
   common.require_dir(root, "LS-VID root folder", LAYOUT)
   lists = common.first_existing(
       [os.path.join(root, "list_sequence"), os.path.join(root, "info", "list_sequence")],
@@ -123,7 +127,7 @@ def read(root: str, verify_images: bool = False) -> tl.Split:
        os.path.join(root, "info", "data", "info_test.mat")],
       "LS-VID query file info_test.mat", LAYOUT)
 
-  cache = common.DirCache()
+  cache = common.DirCache(sizes=False)
   train = _tracklets(root, train_list, cache)
   test = _tracklets(root, test_list, cache)
   qidx = query_indices(info)
@@ -139,4 +143,4 @@ def read(root: str, verify_images: bool = False) -> tl.Split:
       query=tuple(test[i] for i in query_rows if test[i] is not None),
       gallery=tuple(t for i, t in enumerate(test) if i not in query_set and t is not None),
   )
-  return common.check_split(split, verify_images)
+  return common.check_split(split, verify_images, check_files)

@@ -23,7 +23,6 @@ Gallery protocols:
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
@@ -38,14 +37,15 @@ LAYOUT = """\
   info/{train_name.txt, test_name.txt, tracks_train_info.mat, tracks_test_info.mat, query_IDX.mat}
 """
 PROTOCOLS = ("official", "torchreid")
-_FRAME_RE = re.compile(r"F(\d+)")
 
 
 def _frame_number(name: str, source: str) -> int:
-  m = _FRAME_RE.search(os.path.splitext(name)[0][6:])
-  if not m:
+  """'0001C1T0001F012.jpg' -> 12 (the digits after the last 'F')."""
+  start, end = name.rfind("F") + 1, name.rfind(".")
+  digits = name[start:end if end > start else len(name)]
+  if start == 0 or not digits.isdigit():
     raise DatasetError(f"{source}: frame name {name!r} has no frame number (F<digits>)")
-  return int(m.group(1))
+  return int(digits)
 
 
 def _track_rows(path: str, key: str) -> np.ndarray:
@@ -80,8 +80,11 @@ def _tracklets(
     if not (name_pid.lstrip("-").isdigit() and int(name_pid) == pid and name_cam.isdigit()
             and int(name_cam) == cam):
       raise DatasetError(f"{where}: frame names say pid {name_pid!r}, camera {name_cam!r}")
-    frame_names = sorted(frame_names, key=lambda n: _frame_number(n, name_file))
-    frames = tuple(os.path.join(bbox_dir, n[:4], n) for n in frame_names)
+    numbers = [_frame_number(n, name_file) for n in frame_names]
+    if any(a > b for a, b in zip(numbers, numbers[1:])):
+      frame_names = [n for _, n in sorted(zip(numbers, frame_names))]
+    folder = os.path.join(bbox_dir, name_pid)
+    frames = tuple(f"{folder}{os.sep}{n}" for n in frame_names)
     out.append(tl.Tracklet(frames=frames, pid=int(pid), camid=int(cam) - 1))
   return out
 
@@ -92,11 +95,13 @@ def read(
     protocol: str = "official",
     distractors: bool = True,
     verify_images: bool = False,
+    check_files: str = "size",
 ) -> tl.Split:
   """Reads MARS under `root` (layout in the module docstring) -> Split("mars", ...).
 
   `protocol`: "official" or "torchreid" gallery; `distractors=False` drops pid 0 from query and
-  gallery; `verify_images` decodes every frame (slow) instead of only checking it exists.
+  gallery; `check_files`: "size" (every frame exists and is not empty), "exists" or "none";
+  `verify_images` also decodes every frame (slow).
   """
   if protocol not in PROTOCOLS:
     raise DatasetError(f"MARS protocol {protocol!r}: expected one of {PROTOCOLS}")
@@ -140,4 +145,4 @@ def read(
       query=tuple(query),
       gallery=tuple(gallery),
   )
-  return common.check_split(split, verify_images)
+  return common.check_split(split, verify_images, check_files)

@@ -139,8 +139,12 @@ def load_splits(path: str) -> list[dict]:
 
 
 @common.register("prid2011")
-def read(root: str, split_id: int = 0, verify_images: bool = False) -> tl.Split:
-  """Reads split `split_id` of PRID2011 under `root` -> Split("prid2011", ...)."""
+def read(root: str, split_id: int = 0, verify_images: bool = False,
+         check_files: str = "size") -> tl.Split:
+  """Reads split `split_id` of PRID2011 under `root` -> Split("prid2011", ...).
+
+  `verify_images` / `check_files`: see `common.check_split`.
+  """
   cam_dirs = camera_dirs(root)
   path = os.path.join(root, SPLITS_FILE)
   if not os.path.isfile(path):
@@ -156,4 +160,4 @@ def read(root: str, split_id: int = 0, verify_images: bool = False) -> tl.Split:
                        f"(splits in {path!r})")
   s = splits[split_id]
   split = two_camera.split("prid2011", cam_dirs, s["train"], s["test"])
-  return common.check_split(split, verify_images)
+  return common.check_split(split, verify_images, check_files)
