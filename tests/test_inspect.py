@@ -82,3 +82,30 @@ def test_prid_make_splits_through_the_module(tmp_path):
   assert len(splits) == prid2011.DEFAULT_NUM_SPLITS
   eligible = prid2011.eligible_persons(root, 2)
   assert all(sorted(s["train"] + s["test"]) == eligible for s in splits)
+
+
+def test_synthetic_reads_the_generated_layout(tmp_path, monkeypatch, capsys):
+  import types  # pylint: disable=g-import-not-at-top
+
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+
+  seen = []
+
+  def ensure_generated(root, knobs):
+    seen.append(root)
+    folder = os.path.join(root, "mars_layout")
+    if not os.path.isdir(folder):
+      write_mars(folder)
+    return folder
+
+  fake = types.ModuleType("data_pipelines.synthetic")
+  fake.ensure_generated = ensure_generated
+  monkeypatch.setitem(sys.modules, "data_pipelines.synthetic", fake)
+  monkeypatch.setattr(data_pipelines, "synthetic", fake, raising=False)
+  root = str(tmp_path / "syn")
+  assert inspect_cli.main(["--dataset=synthetic", f"--root={root}", "--protocol=torchreid",
+                           "--json"]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  expected = mars.read(os.path.join(root, "mars_layout"), protocol="torchreid").summary()
+  assert seen == [root]
+  assert summary == dict(expected, dataset="synthetic")
