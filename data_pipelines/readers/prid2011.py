@@ -36,8 +36,8 @@ LAYOUT = """\
 <root>/
   prid_2011/multi_shot/cam_a/person_0001/0001.png ...
   prid_2011/multi_shot/cam_b/person_0001/...
-  splits_prid2011.json   (not in the download: write it with
-                          python -m data_pipelines.inspect --dataset=prid2011 --root=<root> --make-splits SEED)
+  splits_prid2011.json   (not in the download: write it with python -m
+      data_pipelines.inspect --dataset=prid2011 --root=<root> --make-splits SEED)
 """
 SPLITS_FILE = "splits_prid2011.json"
 NUM_SHARED_PERSONS = 200  # persons 1..200 are seen by both cameras
