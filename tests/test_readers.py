@@ -361,6 +361,17 @@ def test_ilidsvid_errors(tmp_path):
     ilidsvid.read(root, split_id=0)
   assert bad in str(e.value)
   os.remove(bad)
+  empty = os.path.join(root, "i-LIDS-VID", "sequences", "cam2", "person001")
+  saved = {n: open(os.path.join(empty, n), "rb").read() for n in os.listdir(empty)}
+  for n in saved:
+    os.remove(os.path.join(empty, n))
+  with pytest.raises(DatasetError, match="empty tracklet") as e:
+    ilidsvid.read(root, split_id=0)
+  assert empty in str(e.value)
+  for n, data in saved.items():
+    with open(os.path.join(empty, n), "wb") as f:
+      f.write(data)
+  ilidsvid.read(root, split_id=0)
   mat = os.path.join(root, "train-test people splits", "train_test_splits_ilidsvid.mat")
   os.remove(mat)
   with pytest.raises(DatasetError, match="train_test_splits_ilidsvid.mat"):
