@@ -69,6 +69,7 @@ class Checkpointer:
 
   def best_metrics(self) -> dict | None:
     """The stored metrics of the best checkpoint (None when there is none)."""
+    self._best.wait_until_finished()  # metrics of an in-flight save are not readable yet
     step = self._best.best_step()
     if step is None:
       return None

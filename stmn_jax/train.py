@@ -303,15 +303,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def load_data(config: ml_collections.ConfigDict):
+def load_data(config: ml_collections.ConfigDict, split=None):
   """(train_split, selection_split or None, test split, selection label).
 
-  Validation ids are held out of the training ids when `config.dataset.num_val_ids > 0`.
+  `split` defaults to `data_pipelines.get_split(config.dataset)`. Validation ids are held out
+  of the training ids when `config.dataset.num_val_ids > 0`.
   """
   import data_pipelines  # pylint: disable=g-import-not-at-top
   from data_pipelines import tracklets as tracklets_lib  # pylint: disable=g-import-not-at-top
 
-  split = data_pipelines.get_split(config.dataset)
+  if split is None:
+    split = data_pipelines.get_split(config.dataset)
   train_split, val_split = split, None
   if config.dataset.num_val_ids > 0:
     train_split, val_split = tracklets_lib.holdout_validation(
@@ -379,12 +381,15 @@ def train_and_evaluate(
     model_fn: ModelFn | None = None,
     loss_fn: LossFn | None = None,
     mesh: Mesh | None = None,
+    split=None,
     max_steps: int | None = None,
 ) -> tuple[TrainState, dict]:
   """Trains (resuming from the newest checkpoint), evaluates, writes `results.json`.
 
-  `max_steps` stops after that many completed steps without the final evaluation (used to
-  simulate a killed run). Returns the state and a summary dict (what results.json holds).
+  `model_fn` / `loss_fn` / `split` replace the registry model, `losses.total_loss` and
+  `get_split(config.dataset)` (tests, notebooks). `max_steps` stops after that many completed
+  steps as a killed run would: no extra checkpoint, no final evaluation. Returns the state and a
+  summary dict (what results.json holds).
   """
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -392,7 +397,7 @@ def train_and_evaluate(
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
-  train_split, sel_split, test_split, sel_label = load_data(config)
+  train_split, sel_split, test_split, sel_label = load_data(config, split)
   num_classes = len({t.pid for t in train_split.train})
   spe = num_steps_per_epoch(config, num_classes)
   total_steps = config.optim.num_epochs * spe
@@ -460,7 +465,7 @@ def train_and_evaluate(
           done = state.step
           is_log = done % config.train.log_every_steps == 0 or done == stop_at
           is_eval = sel_split is not None and (done % eval_every == 0 or done == total_steps)
-          is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == stop_at
+          is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total_steps
           if is_log or is_eval or is_ckpt:
             fetched = _fetch_and_check(pending)
             last_train = fetched[-1][1]
