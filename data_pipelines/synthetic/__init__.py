@@ -1,0 +1,35 @@
+"""The synthetic video re-ID benchmark: people tracklets with spatial and temporal distractors.
+
+Written in the MARS layout (default) or the DukeV layout, so that the real readers load it; a
+JSON sidecar records which distractor touched which frame. Deterministic for `seed`.
+
+  from data_pipelines import synthetic
+  summary = synthetic.generate("/tmp/syn", num_train_ids=10, occlusion_prob=0.0)
+  root = synthetic.ensure_generated("data/synthetic", {"layout": "mars"})
+
+CLI: `python -m data_pipelines.synthetic --out=DIR [--layout=mars|dukev] [--knob=value ...]`.
+
+Only the knob definitions (`spec`, standard library) are imported eagerly, so that configs can
+read the defaults cheaply; the generator (NumPy, PIL) loads on first use.
+"""
+
+from __future__ import annotations
+
+from data_pipelines.synthetic.spec import (  # noqa: F401
+    GENERATOR_VERSION, LAYOUTS, SyntheticSpec, defaults, knob_names, make_spec)
+
+_LAZY = ("generate", "ensure_generated", "load_meta", "meta_by_first_frame", "read_spec",
+         "render_tracklet", "make_plan", "make_scene", "make_events", "make_identities",
+         "FLAGS", "META_FILE", "SPEC_FILE")
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
+
+    return getattr(generator, name)
+  raise AttributeError(f"module 'data_pipelines.synthetic' has no attribute {name!r}")
+
+
+__all__ = ["GENERATOR_VERSION", "LAYOUTS", "SyntheticSpec", "defaults", "knob_names",
+           "make_spec", *_LAZY]
