@@ -374,16 +374,17 @@ def _is_reader_query(t: TrackletPlan) -> bool:
 
 def _summary(spec: SyntheticSpec, plan: Sequence[TrackletPlan], paths: Sequence[Sequence[str]],
              flag_counts: dict) -> dict:
-  """Counts per part as the readers see them (MARS official gallery: test rows but pid -1)."""
+  """Counts per part as the readers see them under the official protocol.
+
+  MARS gallery: the test rows but pid -1 junk (queries included); DukeV gallery: the gallery
+  folder, which holds the queries too. So both: every test tracklet but junk.
+  """
   def tr(t, p):
     return Tracklet(tuple(p), t.pid, t.camera - 1)
 
   train = [tr(t, p) for t, p in zip(plan, paths) if t.split == "train"]
   query = [tr(t, p) for t, p in zip(plan, paths) if _is_reader_query(t)]
-  if spec.layout == "mars":
-    gallery = [tr(t, p) for t, p in zip(plan, paths) if t.split == "test" and t.pid != -1]
-  else:
-    gallery = [tr(t, p) for t, p in zip(plan, paths) if t.split == "test" and not t.query]
+  gallery = [tr(t, p) for t, p in zip(plan, paths) if t.split == "test" and t.pid != -1]
   return {
       "layout": spec.layout,
       "splits": {"train": split_counts(train), "query": split_counts(query),
@@ -410,6 +411,8 @@ def _sidecar_entry(spec: SyntheticSpec, t: TrackletPlan, rel: list[str], ev: Eve
       "other_pid": ev.intruder_identity + 1 if ev.intruder_identity >= 0 else None,
       "distractors": [f for f in FLAGS if ev.flags[f].any()],
       **{f: ev.flags[f].astype(int).tolist() for f in FLAGS},
+      **({"gallery_frames": layouts.dukev_gallery_copy(rel)}
+         if spec.layout == "dukev" and t.query else {}),
   }
 
 
@@ -436,11 +439,14 @@ def _render_and_write(scene: Scene, plan: Sequence[TrackletPlan],
     try:
       for t, rel in zip(plan, paths):
         frames, ev = render_tracklet(scene, t)
-        folder = os.path.dirname(rel[0])
-        if folder not in made_dirs:
+        files = list(rel)
+        if scene.spec.layout == "dukev" and t.query:  # DukeV's gallery holds the queries too
+          files += layouts.dukev_gallery_copy(rel)
+          frames = np.concatenate([frames, frames])
+        for folder in {os.path.dirname(f) for f in files} - made_dirs:
           os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
           made_dirs.add(folder)
-        pending.append(pool.submit(write, frames, [os.path.join(out_dir, p) for p in rel]))
+        pending.append(pool.submit(write, frames, [os.path.join(out_dir, p) for p in files]))
         while len(pending) > 4 * _WRITERS:  # bounded memory
           pending.pop(0).result()
         for f in FLAGS:

@@ -16,7 +16,9 @@ DukeV::
 
   {train,query,gallery}/<pid4>/<tracklet4>/<pid4>_C<cam>_F<frame4>_X<n>.jpg
 
-(junk tracklets are not written: DukeV has none; pid 0 distractors go to gallery/0000).
+As in the released DukeV, the gallery folder also holds a copy of every query tracklet (same
+pid and tracklet folder), so its gallery is every test tracklet once. Junk tracklets are not
+written (DukeV has none); pid 0 distractors go to gallery/0000.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def frame_paths(tracks: Sequence[TrackLike], layout: str) -> list[list[str]]:
   else:
     raise ValueError(f"unknown layout {layout!r}: expected 'mars' or 'dukev'")
   return out
+
+
+def dukev_gallery_copy(paths: Sequence[str]) -> list[str]:
+  """The gallery/ copy of a DukeV query tracklet's frame paths."""
+  return ["gallery/" + p.split("/", 1)[1] for p in paths]
 
 
 def mars_tables(tracks: Sequence[TrackLike], paths: Sequence[Sequence[str]]) -> dict:
