@@ -130,9 +130,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _drsa_defaults(config: ml_collections.ConfigDict) -> None:
   """DRSA (CVPR 2018); values the spec marks unverified are documented in models/drsa.py."""
   config.model.last_stride = 2
-  config.model.drsa.num_parts = 6
-  config.model.drsa.hidden = 64
-  config.model.drsa.part_dim = 128
+  config.model.drsa.num_parts = 6  # K (paper; the snippet's default is 3)
+  config.model.drsa.hidden = 64  # hidden units of a spatial attention model (snippet)
+  config.model.drsa.part_dim = 128  # per-part reduction (snippet)
+  # Paper: one hidden layer per part. Official snippet: one hidden layer shared by the parts.
+  config.model.drsa.shared_hidden = False
+  # Paper: 1x1 convs with biases. Official snippet: BatchNorm after both convs, no biases.
+  config.model.drsa.attention_bn = False
+  config.model.drsa.normalize_parts = True  # L2-normalise each reduced part (snippet)
+  # The paper trains with OIM; here CE on scaled cosine logits ("cosine") or a plain "linear" head.
+  config.model.drsa.classifier = "cosine"
+  config.model.drsa.logit_scale = 30.0  # OIM's scalar in open-reid
   config.loss.diversity_weight = 1.0
 
 
@@ -142,6 +150,12 @@ def _sta_defaults(config: ml_collections.ConfigDict) -> None:
   config.model.stem_relu = True
   config.model.sta.num_stripes = 4
   config.model.sta.embed_dim = 1024
+  # Paper: g = per-location squared norm, l1-normalised over locations, stripe score = sum.
+  # "torchreid": the third-party reimplementation (L2 norm per location, L2-normalised map,
+  # stripe score = mean).
+  config.model.sta.attention = "paper"
+  # Frames per backbone call when one pass attends over a whole tracklet (embed_all_frames).
+  config.model.sta.eval_chunk = 32
   config.loss.interframe_weight = 3e-4
   config.loss.triplet_margin = 0.3
   config.data.seq_len = 4
