@@ -1,0 +1,691 @@
+"""Retrieval evaluation: distances, exact CMC / mAP / mINP ranking, pooling, re-ranking, CLI.
+
+Protocol (docs: ../shared/docs/datasets-and-evaluation.md section 2), for every query:
+- gallery items with the query's pid AND camera are removed, and so are pid -1 (junk) items;
+  same-camera items of other pids stay;
+- the remaining items are ordered by distance (ascending); equal distances keep gallery order,
+  as a stable argsort would;
+- a query with no remaining true match is skipped; CMC, mAP and mINP are averages over the
+  valid queries (`num_queries_without_match` reports the skipped ones).
+
+`rank` never sorts a gallery row. For a query, the 0-based position of a true match m is the
+number of valid gallery items that come before it: distance strictly smaller, or equal with a
+lower gallery index. That count is one fused compare-and-sum over the row per true match
+(O(G x matches) per query, no sort), run in JAX over chunks of queries. From the sorted
+positions r_1 < ... < r_n of the n true matches (0-based, hits counted from k = 1):
+- CMC@j (1-based) = [r_1 < j];
+- AP "noninterp" (every Python port) = mean_k k / (r_k + 1);
+- AP "matlab" (MARS-evaluation `compute_AP.m`, trapezoid rule) = mean_k (p_{k-1}' + p_k) / 2
+  with p_k = k / (r_k + 1) and p_{k-1}' = (k - 1) / r_k the precision just before the hit
+  (1 when r_k = 0);
+- INP = n / (r_n + 1) (fast-reid's mINP).
+Distances are used as given (no epsilon), so float32 ties are resolved exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AP_MODES = ("noninterp", "matlab")
+METRICS = ("cosine", "euclidean", "sqeuclidean")
+NPZ_KEYS = ("q_feats", "g_feats", "q_pids", "g_pids", "q_camids", "g_camids")
+TABLE_RANKS = (1, 5, 10, 20)
+
+# (query, match) pairs per step of the kernel's inner loop: keeps the compare block small
+# enough to stay in cache (blocks of tens of MB made XLA:CPU 20-30x slower per element).
+_ROWS_PER_STEP = 16
+
+
+# ------------------------------------------------------------------------------ distances
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _distance_block(q: jax.Array, g: jax.Array, metric: str) -> jax.Array:
+  """(Nq, D), (G, D) -> (Nq, G) float32."""
+  q = q.astype(jnp.float32)
+  g = g.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  if metric == "cosine":
+    qn = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    gn = g / jnp.maximum(jnp.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return 1.0 - jnp.matmul(qn, gn.T, precision=hi)
+  sq = (
+      jnp.sum(q * q, axis=1)[:, None] + jnp.sum(g * g, axis=1)[None, :]
+      - 2.0 * jnp.matmul(q, g.T, precision=hi)
+  )
+  sq = jnp.maximum(sq, 0.0)
+  return sq if metric == "sqeuclidean" else jnp.sqrt(sq)
+
+
+def pairwise_distance(
+    q: Any, g: Any, metric: str = "cosine", chunk_size: int | None = 1024
+) -> np.ndarray:
+  """(Q, D), (G, D) -> (Q, G) float32 NumPy distance matrix.
+
+  metric:
+  - "cosine": 1 - cos(q, g), in [0, 2] (a zero vector is at distance 1 from everything);
+    it orders exactly like the -q.g of STMN / AP3D on normalised features;
+  - "euclidean": the (non-squared) L2 distance;
+  - "sqeuclidean": the squared L2 distance (torchreid's default; same ranking as "euclidean").
+  Computed in jitted blocks of `chunk_size` query rows (None: one block); the last block is
+  padded so that one shape is compiled.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"distance metric {metric!r}: expected one of {', '.join(METRICS)}")
+  q = np.asarray(q, np.float32)
+  g = np.asarray(g, np.float32)
+  if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+    raise ValueError(
+        f"features: expected q (Q, D) and g (G, D) with the same D, got {q.shape} and {g.shape}"
+    )
+  n = q.shape[0]
+  if chunk_size is None or chunk_size >= n:
+    return np.asarray(_distance_block(q, g, metric))
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size = {chunk_size}: expected >= 1 or None")
+  gj = jnp.asarray(g)
+  out = np.empty((n, g.shape[0]), np.float32)
+  for start in range(0, n, chunk_size):
+    block = q[start:start + chunk_size]
+    rows = block.shape[0]
+    if rows < chunk_size:
+      block = np.pad(block, ((0, chunk_size - rows), (0, 0)))
+    out[start:start + rows] = np.asarray(_distance_block(block, gj, metric))[:rows]
+  return out
+
+
+# ------------------------------------------------------------------------------ ranking
+def _check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap):
+  if ap not in AP_MODES:
+    raise ValueError(f"ap = {ap!r}: expected one of {', '.join(AP_MODES)}")
+  if int(max_rank) < 1:
+    raise ValueError(f"max_rank = {max_rank}: expected >= 1")
+  if len(distmat.shape) != 2:
+    raise ValueError(f"distmat: expected a (Q, G) matrix, got shape {tuple(distmat.shape)}")
+  nq, ng = distmat.shape
+  arrays = {}
+  for name, x, n in (
+      ("q_pids", q_pids, nq), ("g_pids", g_pids, ng),
+      ("q_camids", q_camids, nq), ("g_camids", g_camids, ng),
+  ):
+    x = np.asarray(x)
+    if x.shape != (n,):
+      raise ValueError(f"{name}: expected shape ({n},) to match distmat {tuple(distmat.shape)}, "
+                       f"got {x.shape}")
+    if not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"{name}: expected integer ids, got dtype {x.dtype}")
+    arrays[name] = x.astype(np.int64)
+  return arrays
+
+
+def _same_pid_items(q_pids, g_pids, q_camids, g_camids):
+  """Each query's true matches and its removed same-camera items, as padded index tables.
+
+  Returns (match_idx (Q, M), match_counts (Q,), same_cam_idx (Q, S), same_cam_counts (Q,)):
+  gallery indices with the query's pid in another camera (true matches) and in the query's
+  camera (removed), in gallery order, the first `counts` of each row real. Found by grouping
+  the gallery by pid (one sort of the pid vector), never by a (Q, G) comparison. The gallery
+  must already be free of pid -1 items.
+  """
+  order = np.argsort(g_pids, kind="stable")
+  sorted_pids = g_pids[order]
+  lo = np.searchsorted(sorted_pids, q_pids, side="left")
+  hi = np.searchsorted(sorted_pids, q_pids, side="right")
+  width = max(int((hi - lo).max(initial=0)), 1)
+  slot = np.arange(width)
+  in_group = slot[None, :] < (hi - lo)[:, None]
+  cand = order[np.minimum(lo[:, None] + slot[None, :], max(len(order) - 1, 0))] if len(order) \
+      else np.zeros((len(q_pids), width), np.int64)
+  same_cam = g_camids[cand] == q_camids[:, None] if len(order) else in_group
+  tables = []
+  for keep in (in_group & ~same_cam, in_group & same_cam):
+    # Move the kept entries to the front of each row (stable: gallery order is kept).
+    perm = np.argsort(~keep, axis=1, kind="stable")
+    counts = keep.sum(axis=1)
+    w = max(int(counts.max(initial=0)), 1)
+    tables += [np.take_along_axis(cand, perm, axis=1)[:, :w].astype(np.int32), counts]
+  return tuple(tables)
+
+
+@functools.partial(jax.jit, static_argnames=("rows_per_step",))
+def _match_positions(
+    distmat: jax.Array,
+    pair_q: jax.Array,
+    pair_g: jax.Array,
+    pair_removed: jax.Array,
+    pair_num_removed: jax.Array,
+    rows_per_step: int,
+) -> jax.Array:
+  """0-based position of each (query, true match) pair among the query's valid gallery items.
+
+  distmat (Q, G) with no pid -1 column; pair_q, pair_g (P,) query row and gallery column of a
+  true match; pair_removed (P, S) the query's same-pid same-camera gallery columns, the first
+  pair_num_removed (P,) real -> (P,) int32. Position = number of items before the match
+  (smaller distance, or equal and lower column) minus the removed items among them. P must be
+  a multiple of rows_per_step; rows are processed rows_per_step at a time (lax.map), so the
+  compare block stays small.
+  """
+  gallery_index = jnp.arange(distmat.shape[1], dtype=jnp.int32)
+  slots = jnp.arange(pair_removed.shape[1], dtype=jnp.int32)
+
+  def comes_before(d, index, dm, im):
+    return (d < dm) | ((d == dm) & (index < im))
+
+  def step(args):
+    r, i, rem, n_rem = args  # (s,), (s,), (s, S), (s,)
+    d = jnp.take(distmat, r, axis=0)  # (s, G)
+    dm = jnp.take_along_axis(d, i[:, None], axis=1)  # (s, 1): the match's own distance
+    before = comes_before(d, gallery_index[None, :], dm, i[:, None])
+    # float32 sum is exact (G < 2^24) and takes XLA:CPU's fast reduction path.
+    count = jnp.sum(before.astype(jnp.float32), axis=1).astype(jnp.int32)
+    d_rem = jnp.take_along_axis(d, rem, axis=1)  # (s, S)
+    removed = comes_before(d_rem, rem, dm, i[:, None]) & (slots[None, :] < n_rem[:, None])
+    return count - jnp.sum(removed, axis=1, dtype=jnp.int32)
+
+  p, s = pair_q.shape[0], rows_per_step
+  out = jax.lax.map(step, (
+      pair_q.reshape(p // s, s), pair_g.reshape(p // s, s),
+      pair_removed.reshape(p // s, s, -1), pair_num_removed.reshape(p // s, s),
+  ))
+  return out.reshape(p)
+
+
+def _metrics_from_positions(pos: np.ndarray, counts: np.ndarray, ap: str) -> dict[str, np.ndarray]:
+  """(V, M) ascending 0-based match positions (padding beyond counts) -> per-query metrics."""
+  m = pos.shape[1]
+  k = np.arange(1, m + 1, dtype=np.float64)[None, :]
+  real = k <= counts[:, None]
+  r = pos.astype(np.float64)
+  precision = k / (r + 1.0)
+  if ap == "noninterp":
+    terms = precision
+  else:
+    before = np.where(r > 0, (k - 1.0) / np.maximum(r, 1.0), 1.0)
+    terms = 0.5 * (before + precision)
+  ap_q = np.where(real, terms, 0.0).sum(axis=1) / counts
+  last = np.take_along_axis(r, (counts - 1)[:, None], axis=1)[:, 0]
+  return {"ap": ap_q, "first": pos[:, 0], "inp": counts / (last + 1.0)}
+
+
+def rank(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 20,
+    ap: str = "noninterp",
+    chunk_size: int = 2048,
+) -> dict:
+  """Exact CMC / mAP / mINP of a (Q, G) distance matrix (see the module docstring).
+
+  Returns {"cmc": (max_rank,) float64 fractions, "mAP", "mINP": fractions,
+  "num_valid_queries", "num_queries_without_match"}.
+
+  The work unit is a (query, true match) pair: a jitted kernel counts, for `chunk_size` pairs
+  per call (rounded up to a multiple of 16; the last call padded, so one shape is compiled), the gallery items that come before
+  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G).
+  pid -1 columns are dropped first (a column subset keeps the gallery order, so ties break the
+  same way). The metrics are then computed in float64 from the positions. Raises ValueError on
+  NaN distances or when no query has a true match.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size = {chunk_size}: expected >= 1")
+  ids = _check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap)
+  num_q = ids["q_pids"].shape[0]
+  keep = np.flatnonzero(ids["g_pids"] != -1)
+  g_pids, g_camids = ids["g_pids"][keep], ids["g_camids"][keep]
+  match_idx, counts, removed_idx, num_removed = _same_pid_items(
+      ids["q_pids"], g_pids, ids["q_camids"], g_camids)
+  valid_q = np.flatnonzero(counts > 0)
+  if valid_q.size == 0:
+    raise ValueError(f"none of the {num_q} queries has a true match in the gallery "
+                     "(same pid, other camera, pid != -1)")
+  d = _to_device(distmat)
+  if keep.size < ids["g_pids"].shape[0]:
+    d = jnp.take(d, jnp.asarray(keep, jnp.int32), axis=1)
+  _check_no_nan(d)
+
+  # One pair per (valid query, true match), in query order.
+  pair_q = np.repeat(np.arange(num_q), counts).astype(np.int32)
+  slot = np.arange(pair_q.size) - np.repeat(np.cumsum(counts) - counts, counts)
+  pair_g = match_idx[pair_q, slot]
+  total = pair_q.size
+  chunk_size = _round_up(min(chunk_size, total), _ROWS_PER_STEP)
+  padded = _round_up(total, chunk_size)
+  pad = lambda x: np.concatenate([x, np.zeros((padded - total,) + x.shape[1:], x.dtype)])
+  pair_q, pair_g = pad(pair_q), pad(pair_g)
+  pair_removed = pad(removed_idx[pair_q[:total]])
+  pair_num_removed = pad(num_removed[pair_q[:total]].astype(np.int32))
+  outs = [
+      _match_positions(
+          d, pair_q[a:a + chunk_size], pair_g[a:a + chunk_size],
+          pair_removed[a:a + chunk_size], pair_num_removed[a:a + chunk_size],
+          rows_per_step=_ROWS_PER_STEP,
+      )
+      for a in range(0, padded, chunk_size)
+  ]
+  positions = np.concatenate([np.asarray(o) for o in outs])[:total]
+  table = np.full((num_q, match_idx.shape[1]), keep.size, np.int64)
+  table[pair_q[:total], slot] = positions
+  table = np.sort(table[valid_q], axis=1)
+  per_query = _metrics_from_positions(table, counts[valid_q], ap)
+  first_hits = np.bincount(np.minimum(per_query["first"], max_rank), minlength=max_rank + 1)
+  cmc = np.cumsum(first_hits[:max_rank]) / valid_q.size
+  return {
+      "cmc": cmc,
+      "mAP": float(per_query["ap"].mean()),
+      "mINP": float(per_query["inp"].mean()),
+      "num_valid_queries": int(valid_q.size),
+      "num_queries_without_match": int(num_q - valid_q.size),
+  }
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _to_device(x: Any) -> jax.Array:
+  """A float32 jax.Array of x. NumPy input is first copied to a 64-byte aligned buffer when it
+  is not aligned: `device_put` of an aligned array is ~10x faster on CPU than `jnp.asarray`."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.float32)
+  x = np.asarray(x, np.float32)
+  if not x.flags.c_contiguous or x.ctypes.data % 64:
+    buf = np.empty(x.nbytes + 64, np.uint8)
+    offset = (-buf.ctypes.data) % 64
+    aligned = buf[offset:offset + x.nbytes].view(np.float32).reshape(x.shape)
+    aligned[...] = x
+    x = aligned
+  return jax.device_put(x)
+
+
+@jax.jit
+def _row_sums(d: jax.Array) -> jax.Array:
+  return jnp.sum(d, axis=1)
+
+
+@jax.jit
+def _rows_with_nan(d: jax.Array, rows: jax.Array) -> jax.Array:
+  return jnp.isnan(jnp.take(d, rows, axis=0)).any(axis=1)
+
+
+def _check_no_nan(d: jax.Array) -> None:
+  """Raises ValueError naming the first rows of d that hold a NaN. A row sum is NaN when the row
+  holds a NaN (or both infinities): one fast reduction, exact check only on flagged rows."""
+  flagged = np.flatnonzero(np.isnan(np.asarray(_row_sums(d))))
+  if flagged.size:
+    bad = flagged[np.asarray(_rows_with_nan(d, jnp.asarray(flagged)))]
+    if bad.size:
+      raise ValueError(f"distmat: NaN distances in {bad.size} query row(s), first: "
+                       f"{bad[:10].tolist()}")
+
+
+def rank_reference(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 20,
+    ap: str = "noninterp",
+) -> dict:
+  """The per-query NumPy loop (torchreid's `eval_market1501` with a stable argsort): same output
+  as `rank`. Slow; for tests and the benchmark."""
+  ids = _check_rank_inputs(np.asarray(distmat), q_pids, g_pids, q_camids, g_camids, max_rank, ap)
+  distmat = np.asarray(distmat)
+  q_pids, g_pids = ids["q_pids"], ids["g_pids"]
+  q_camids, g_camids = ids["q_camids"], ids["g_camids"]
+  cmcs, aps, inps = [], [], []
+  for i in range(distmat.shape[0]):
+    order = np.argsort(distmat[i], kind="stable")
+    remove = ((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])) | (
+        g_pids[order] == -1)
+    raw = (g_pids[order] == q_pids[i])[~remove].astype(np.float64)
+    if not raw.any():
+      continue
+    cmc = np.minimum(raw.cumsum(), 1.0)
+    cmc = np.concatenate([cmc, np.ones(max(0, max_rank - cmc.size))])
+    cmcs.append(cmc[:max_rank])
+    hits = np.flatnonzero(raw)
+    num_rel = raw.sum()
+    if ap == "noninterp":
+      precision = raw.cumsum() / np.arange(1, raw.size + 1)
+      aps.append((precision * raw).sum() / num_rel)
+    else:  # MATLAB compute_AP: walk the list, trapezoid between consecutive precisions
+      old_recall, old_precision, total, hit = 0.0, 1.0, 0.0, 0
+      for j in range(hits[-1] + 1):
+        hit += int(raw[j])
+        recall, precision = hit / num_rel, hit / (j + 1)
+        total += (recall - old_recall) * (old_precision + precision) / 2
+        old_recall, old_precision = recall, precision
+      aps.append(total)
+    inps.append(num_rel / (hits[-1] + 1))
+  if not cmcs:
+    raise ValueError(f"none of the {distmat.shape[0]} queries has a true match in the gallery")
+  return {
+      "cmc": np.mean(cmcs, axis=0),
+      "mAP": float(np.mean(aps)),
+      "mINP": float(np.mean(inps)),
+      "num_valid_queries": len(cmcs),
+      "num_queries_without_match": int(distmat.shape[0] - len(cmcs)),
+  }
+
+
+# ------------------------------------------------------------------------------ pooling
+@functools.partial(jax.jit, static_argnames=("num_tracklets",))
+def _pool(emb: jax.Array, seg: jax.Array, weight: jax.Array, num_tracklets: int):
+  """(N, D), (N,) in [0, T] (T = dropped), (N,) -> sums (T, D), counts (T,)."""
+  sums = jax.ops.segment_sum(emb * weight[:, None], seg, num_segments=num_tracklets + 1)
+  counts = jax.ops.segment_sum(weight, seg, num_segments=num_tracklets + 1)
+  return sums[:num_tracklets], counts[:num_tracklets]
+
+
+def pool_clips(
+    clip_embeddings: Any, tracklet_index: Any, mask: Any, num_tracklets: int
+) -> np.ndarray:
+  """(Nc, D) clip embeddings, (Nc,) tracklet index, (Nc,) bool mask -> (T, D) float32 means.
+
+  Each tracklet's feature is the mean of its valid (mask True) clips. Padding rows (mask False)
+  are ignored whatever their index. Raises ValueError when a valid row's index is outside
+  [0, T) or when a tracklet got no valid clip.
+  """
+  emb = np.asarray(clip_embeddings, np.float32)
+  index = np.asarray(tracklet_index)
+  mask = np.asarray(mask).astype(bool)
+  if emb.ndim != 2 or index.shape != (emb.shape[0],) or mask.shape != (emb.shape[0],):
+    raise ValueError(
+        f"pool_clips: expected clip_embeddings (N, D), tracklet_index (N,), mask (N,); got "
+        f"{emb.shape}, {index.shape}, {mask.shape}"
+    )
+  bad = mask & ((index < 0) | (index >= num_tracklets))
+  if bad.any():
+    raise ValueError(
+        f"pool_clips: tracklet_index {index[bad][:5].tolist()} of valid clips outside "
+        f"[0, {num_tracklets})"
+    )
+  seg = np.where(mask, index, num_tracklets).astype(np.int32)
+  sums, counts = _pool(emb, seg, mask.astype(np.float32), num_tracklets)
+  counts = np.asarray(counts)
+  missing = np.flatnonzero(counts == 0)
+  if missing.size:
+    raise ValueError(
+        f"pool_clips: {missing.size} of {num_tracklets} tracklets got no valid clip "
+        f"(first: {missing[:10].tolist()})"
+    )
+  return np.asarray(sums) / counts[:, None]
+
+
+def _to_host(x: Any, local_rows: int) -> np.ndarray:
+  """A batch output -> host NumPy rows of the global batch (see `extract_features`)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  x = np.asarray(x)
+  if jax.process_count() > 1 and x.shape[0] == local_rows:
+    x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return x
+
+
+def extract_features(
+    embed_fn: Callable[[Any], Any], batches: Iterable[Mapping[str, Any]], num_tracklets: int
+) -> np.ndarray:
+  """Runs `embed_fn(frames) -> (B, D)` over eval batches and pools clips per tracklet -> (T, D).
+
+  `batches` yields host-local {"frames" (B, L, H, W, 3), "mask" (B,), "tracklet_index" (B,)}
+  (docs/ARCHITECTURE.md). `embed_fn` may return a dict with an "embedding" key, a host array,
+  or a (possibly sharded) jax.Array; flip averaging, if any, belongs in `embed_fn`.
+
+  Multi-host: every host yields the same number of batches and each tracklet's clips appear once
+  over all hosts. An output that is a global jax.Array not fully addressable here is gathered
+  with `multihost_utils.process_allgather(tiled=True)`; the host-local `mask` and
+  `tracklet_index` (and a host-local output) are gathered the same way, which concatenates the
+  hosts' rows in process order, the layout of `jax.make_array_from_process_local_data` on a
+  'data' mesh. Every host then pools the same global rows. With one process nothing is gathered.
+  """
+  embs, indices, masks = [], [], []
+  for batch in batches:
+    for key in ("frames", "mask", "tracklet_index"):
+      if key not in batch:
+        raise ValueError(f"extract_features: eval batch without {key!r} (has {sorted(batch)})")
+    local_rows = np.asarray(batch["mask"]).shape[0]
+    out = embed_fn(batch["frames"])
+    if isinstance(out, Mapping):
+      out = out["embedding"]
+    emb = _to_host(out, local_rows)
+    index = np.asarray(batch["tracklet_index"])
+    mask = np.asarray(batch["mask"]).astype(bool)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      index = np.asarray(multihost_utils.process_allgather(index, tiled=True))
+      mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+    if emb.shape[0] != index.shape[0]:
+      raise ValueError(f"extract_features: embed_fn returned {emb.shape[0]} rows for a batch of "
+                       f"{index.shape[0]} clips")
+    embs.append(emb.reshape(emb.shape[0], -1))
+    indices.append(index)
+    masks.append(mask)
+  if not embs:
+    raise ValueError("extract_features: no eval batches")
+  return pool_clips(
+      np.concatenate(embs), np.concatenate(indices), np.concatenate(masks), num_tracklets
+  )
+
+
+# ------------------------------------------------------------------------------ re-ranking
+def _nearest(dist: np.ndarray, k: int) -> np.ndarray:
+  """(N, N) -> (N, k) indices of each row's k smallest values, ties by index (stable)."""
+  n = dist.shape[0]
+  k = min(k, dist.shape[1])
+  out = np.empty((n, k), np.int64)
+  for i in range(n):
+    row = dist[i]
+    if k < row.size:
+      kth = row[np.argpartition(row, k - 1)[k - 1]]
+      cand = np.flatnonzero(row <= kth)
+    else:
+      cand = np.arange(row.size)
+    out[i] = cand[np.argsort(row[cand], kind="stable")[:k]]
+  return out
+
+
+def _reciprocal(initial_rank: np.ndarray, i: int, k: int) -> np.ndarray:
+  """k-reciprocal neighbours of i: j in i's top k+1 that has i in its own top k+1."""
+  forward = initial_rank[i, :k + 1]
+  return forward[(initial_rank[forward, :k + 1] == i).any(axis=1)]
+
+
+def re_ranking(
+    q_g: Any, q_q: Any, g_g: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> np.ndarray:
+  """k-reciprocal re-ranking (Zhong et al., CVPR 2017) -> (Q, G) float32 distances.
+
+  Follows the authors' released procedure: the joint (Q+G)^2 distances are squared and each
+  column divided by its maximum (then transposed, as their code does); every item's k1-reciprocal
+  set is expanded by the k1/2-reciprocal sets of its members that share more than 2/3 of it;
+  Gaussian weights exp(-d) normalised to sum 1 form sparse vectors V; with k2 > 1 each V is
+  replaced by the mean of its k2 nearest neighbours' V (query expansion); the Jaccard distance
+  1 - sum(min) / sum(max) between query and gallery V is mixed as
+  lambda * original + (1 - lambda) * jaccard. Neighbours are ranked with a stable order (ties by
+  index). NumPy + scipy.sparse; memory O((Q+G)^2) for the joint distance matrix.
+  """
+  from scipy import sparse  # pylint: disable=g-import-not-at-top
+
+  q_g = np.asarray(q_g, np.float32)
+  q_q = np.asarray(q_q, np.float32)
+  g_g = np.asarray(g_g, np.float32)
+  nq, ng = q_g.shape
+  if q_q.shape != (nq, nq) or g_g.shape != (ng, ng):
+    raise ValueError(f"re_ranking: expected q_q ({nq}, {nq}) and g_g ({ng}, {ng}) for q_g "
+                     f"{q_g.shape}, got {q_q.shape} and {g_g.shape}")
+  if k1 < 1 or k2 < 1 or not 0.0 <= lambda_value <= 1.0:
+    raise ValueError(f"re_ranking: k1={k1}, k2={k2} >= 1 and lambda_value={lambda_value} in "
+                     "[0, 1] expected")
+  n = nq + ng
+  dist = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float32) ** 2
+  dist = (dist / np.maximum(dist.max(axis=0), np.finfo(np.float32).tiny)).T
+  half = int(np.around(k1 / 2.0))
+  initial_rank = _nearest(dist, max(k1 + 1, k2))
+
+  rows, cols, vals = [], [], []
+  for i in range(n):
+    recip = _reciprocal(initial_rank, i, k1)
+    expansion = [recip]
+    for c in recip:
+      cand = _reciprocal(initial_rank, int(c), half)
+      if np.intersect1d(cand, recip).size > 2.0 / 3.0 * cand.size:
+        expansion.append(cand)
+    members = np.unique(np.concatenate(expansion))
+    weight = np.exp(-dist[i, members].astype(np.float64))
+    rows.append(np.full(members.size, i))
+    cols.append(members)
+    vals.append(weight / weight.sum())
+  v = sparse.csr_matrix(
+      (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+  )
+  if k2 != 1:
+    expand = sparse.csr_matrix(
+        (np.full(n * k2, 1.0 / k2), (np.repeat(np.arange(n), k2), initial_rank[:, :k2].ravel())),
+        shape=(n, n),
+    )
+    v = (expand @ v).tocsr()
+  v_gallery = v[nq:].tocsc()
+  shared = np.zeros((nq, ng))
+  for i in range(nq):
+    row = v.getrow(i)
+    sub = v_gallery[:, row.indices].tocsc()
+    sub.data = np.minimum(sub.data, np.repeat(row.data, np.diff(sub.indptr)))
+    shared[i] = np.asarray(sub.sum(axis=1)).ravel()
+  jaccard = 1.0 - shared / (2.0 - shared)
+  final = jaccard * (1.0 - lambda_value) + dist[:nq, nq:] * lambda_value
+  return final.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ evaluate
+def evaluate(
+    q_feats: Any,
+    g_feats: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    distance: str = "cosine",
+    rerank: bool = False,
+    ap: str = "noninterp",
+    max_rank: int = 20,
+) -> dict:
+  """Features -> `rank`'s dict plus "R1", "R5", "R10", "R20" (those <= max_rank), fractions."""
+  q_g = pairwise_distance(q_feats, g_feats, distance)
+  if rerank:
+    q_g = re_ranking(
+        q_g, pairwise_distance(q_feats, q_feats, distance),
+        pairwise_distance(g_feats, g_feats, distance),
+    )
+  results = rank(q_g, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap=ap)
+  for k in TABLE_RANKS:
+    if k <= max_rank:
+      results[f"R{k}"] = float(results["cmc"][k - 1])
+  return results
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+  """One header line and one row: R1 R5 R10 R20 mAP mINP in %, valid / all queries."""
+  cmc = np.asarray(results["cmc"])
+  names, values = [], []
+  for k in TABLE_RANKS:
+    if k <= cmc.size:
+      names.append(f"R{k}")
+      values.append(f"{100.0 * cmc[k - 1]:.2f}")
+  names += ["mAP", "mINP", "queries"]
+  valid = int(results["num_valid_queries"])
+  total = valid + int(results.get("num_queries_without_match", 0))
+  values += [f"{100.0 * results['mAP']:.2f}", f"{100.0 * results['mINP']:.2f}", f"{valid}/{total}"]
+  widths = [max(len(a), len(b)) for a, b in zip(names, values)]
+  return "\n".join(
+      "  ".join(s.rjust(w) for s, w in zip(line, widths)) for line in (names, values)
+  )
+
+
+def json_ready(results: Mapping[str, Any]) -> dict:
+  """NumPy values -> plain Python (lists, floats, ints) for json.dumps."""
+  out = {}
+  for k, v in results.items():
+    if isinstance(v, np.ndarray):
+      v = v.tolist()
+    elif isinstance(v, (np.floating, np.integer, np.bool_)):
+      v = v.item()
+    out[k] = v
+  return out
+
+
+# ------------------------------------------------------------------------------ CLI
+def load_features(path: str) -> dict[str, np.ndarray]:
+  """The six arrays of a features .npz (no pickle); a missing key names the key and the file."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [k for k in NPZ_KEYS if k not in data.files]
+      if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)} (expected "
+                         f"{', '.join(NPZ_KEYS)}; found {', '.join(data.files) or 'none'})")
+      out = {k: data[k] for k in NPZ_KEYS}
+  except (OSError, ValueError) as e:
+    if isinstance(e, ValueError) and str(e).startswith(f"{path}:"):
+      raise
+    raise ValueError(f"{path}: cannot read as a .npz of arrays without pickle: {e}") from e
+  for k in ("q_feats", "g_feats"):
+    if out[k].ndim != 2:
+      raise ValueError(f"{path}: {k} must be 2-D (N, D), got shape {out[k].shape}")
+  for k, feats in (("q_pids", "q_feats"), ("q_camids", "q_feats"),
+                   ("g_pids", "g_feats"), ("g_camids", "g_feats")):
+    if out[k].shape != (out[feats].shape[0],):
+      raise ValueError(f"{path}: {k} must have shape ({out[feats].shape[0]},) like {feats}, got "
+                       f"{out[k].shape}")
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m stmn_jax.evaluation --features=FILE.npz [...]`; defaults: configs/default.py."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  e = default.get_config().eval
+  parser = argparse.ArgumentParser(
+      prog="python -m stmn_jax.evaluation",
+      description="CMC / mAP / mINP of saved query and gallery features "
+                  f"(npz keys: {' '.join(NPZ_KEYS)}).",
+  )
+  parser.add_argument("--features", required=True, help="the .npz file")
+  parser.add_argument("--distance", default=e.distance, choices=METRICS)
+  parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=e.rerank)
+  parser.add_argument("--ap", default=e.ap, choices=AP_MODES)
+  parser.add_argument("--max_rank", type=int, default=e.max_rank)
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args = parser.parse_args(argv)
+  try:
+    data = load_features(args.features)
+    results = evaluate(
+        data["q_feats"], data["g_feats"], data["q_pids"], data["g_pids"],
+        data["q_camids"], data["g_camids"], distance=args.distance, rerank=args.rerank,
+        ap=args.ap, max_rank=args.max_rank,
+    )
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  if args.json:
+    out = json_ready(results)
+    out.update(distance=args.distance, rerank=args.rerank, ap=args.ap, features=args.features)
+    print(json.dumps(out))
+  else:
+    print(format_table(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
