@@ -1,9 +1,14 @@
 """The synthetic benchmark: identities, tracklet plan, distractor events, files on disk.
 
 Determinism: every random quantity comes from its own stream,
-`np.random.SeedSequence([seed, stream, *keys])`, and each stream draws a fixed number of values
-whatever the knobs. So turning one distractor off leaves the pixels of every frame it did not
-touch bit-identical, and the same seed gives the same bytes.
+`np.random.SeedSequence([seed, stream, *keys])` (per tracklet, `keys` = its uid), and the
+camera, appearance and distractor streams draw a fixed number of values whatever the knobs. So
+the same seed gives the same bytes, and turning one distractor off leaves every frame it did
+not touch bit-identical.
+
+People are drawn from sprites (`render.make_sprite`: each identity pre-drawn at 8 walking
+phases) resampled into each frame's box, on a window of the camera's static scene; then the
+occluder, the camera's colour cast and sensor noise. JPEGs are written by a few threads.
 """
 
 from __future__ import annotations
@@ -199,7 +204,20 @@ def _other_identity(spec: SyntheticSpec, plan: TrackletPlan, u: float) -> int:
 
 def make_events(spec: SyntheticSpec, plan: TrackletPlan,
                 identities: Sequence[render.Identity]) -> Events:
-  """The per-frame boxes, occluder and flags of one tracklet (see the module docstring)."""
+  """The per-frame boxes, occluder and flags of one tracklet.
+
+  Person tracklets get, each with probability `<name>_prob` and from its own random stream:
+  - occlusion: an object covers `occlusion_strength` of the box (bottom, left or right) over
+    the first 1..ceil(span*T) frames, moving away (coverage shrinks to half) -> "occluded";
+  - misalign: on 1..ceil(span*T) scattered frames the box shifts (up to 0.3 W, 0.15 H) and
+    rescales (up to +-35%), times the strength -> "misaligned";
+  - exit: over the last frames the person slides sideways out of the box; strength 1 leaves
+    the box empty at the last frame -> "out_of_frame";
+  - intruder: a run of frames shows another person of the same split; strength 1 replaces
+    the target (identity switch), less overlaps it from the side -> "other_person".
+  Distractor (pid 0) boxes show the background with at most a sliver of a person; junk
+  (pid -1) boxes show a cut-off, too-close part of a test person.
+  """
   t, h, w = plan.length, spec.height, spec.width
   seed, uid = spec.seed, plan.uid
   pan_range = w // 2
@@ -266,7 +284,7 @@ def make_events(spec: SyntheticSpec, plan: TrackletPlan,
       flags["out_of_frame"][t - n:] = True
     # Another person over a few frames (a tracker identity switch when strength is 1).
     ri = _rng(seed, "intruder", uid)
-    r, ij = ri.random(6), ri.standard_normal((3, t)).astype(np.float32)
+    r, ij = ri.random(7), ri.standard_normal((3, t)).astype(np.float32)
     other = _other_identity(spec, plan, float(r[3]))
     if (r[0] < spec.intruder_prob and spec.intruder_strength > 0 and spec.intruder_span > 0
         and other >= 0):
@@ -280,7 +298,8 @@ def make_events(spec: SyntheticSpec, plan: TrackletPlan,
       ocx = w / 2 + side * (1.0 - spec.intruder_strength) * 0.6 * w + 0.015 * w * ij[0]
       otop = (h - ohp) / 2 + 0.01 * h * ij[1]
       ophase = (r[5] * 2 * np.pi + frames * 2 * np.pi / 8.0).astype(np.float32)
-      intruder = render.PersonBoxes(ocx, otop, ohp, ophase, sel, bool(r[4] < 0.3))
+      intruder = render.PersonBoxes(ocx, otop, ohp, ophase, sel,
+                                    bool(r[6] < spec.back_view_prob))
       if spec.intruder_strength >= 1.0:
         visible = visible & ~sel
       flags["other_person"] |= sel
