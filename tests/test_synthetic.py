@@ -328,6 +328,13 @@ def test_real_readers_load_the_layouts(tmp_path):
     assert split.summary()["splits"] == summary["splits"]
     assert split.summary()["queries_without_match"] == 0
     assert split.num_train_pids == TINY["num_train_ids"]
+    # Every reader tracklet finds its sidecar entry (frames, camera, raw test pid).
+    for part in ("train", "query", "gallery"):
+      tracks = split.part(part)
+      for t, e in zip(tracks, synthetic.meta_for(root, tracks)):
+        assert e is not None and len(e["frames"]) == t.num_frames and e["camid"] == t.camid
+        if part != "train":
+          assert e["pid"] == t.pid and (part == "gallery" or e["query"])
   # Through the config, as the engine reads it (generated on first use).
   from configs import synthetic as cfg  # pylint: disable=g-import-not-at-top
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from data_pipelines.synthetic.spec import (  # noqa: F401
     GENERATOR_VERSION, LAYOUTS, SyntheticSpec, defaults, knob_names, make_spec)
 
-_LAZY = ("generate", "ensure_generated", "load_meta", "meta_by_first_frame", "read_spec",
+_LAZY = ("generate", "ensure_generated", "load_meta", "meta_by_first_frame", "meta_for",
+         "read_spec",
          "render_tracklet", "make_plan", "make_scene", "make_events", "make_identities",
          "FLAGS", "META_FILE", "SPEC_FILE")
 

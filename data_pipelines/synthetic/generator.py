@@ -597,5 +597,25 @@ def load_meta(root: str) -> dict:
 
 
 def meta_by_first_frame(meta: Mapping[str, Any]) -> dict[str, dict]:
-  """Sidecar entries keyed by their first frame's path relative to the dataset root."""
-  return {e["frames"][0]: e for e in meta["tracklets"]}
+  """Sidecar entries keyed by their first frame's path relative to the dataset root.
+
+  DukeV query tracklets are also keyed by their gallery copy.
+  """
+  out = {}
+  for e in meta["tracklets"]:
+    out[e["frames"][0]] = e
+    if e.get("gallery_frames"):
+      out[e["gallery_frames"][0]] = e
+  return out
+
+
+def meta_for(root: str, tracklets: Sequence[Tracklet]) -> list[dict | None]:
+  """The sidecar entry of each reader `Tracklet` read from `root` (None if not found).
+
+  This is how per-frame distractor flags reach an analysis of the model, e.g. the temporal
+  weights of occluded, misaligned and clean tracklets.
+  """
+  index = meta_by_first_frame(load_meta(root))
+  base = os.path.abspath(root)
+  rel = lambda p: os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/")
+  return [index.get(rel(t.frames[0])) for t in tracklets]
