@@ -2,8 +2,9 @@
 
 Train: for each step, `sampling.train_batch` picks the P x K tracklets and their RRS frames
 (a pure function of `(config.seed, step)`); this host takes its rows of the global batch; only
-those frames are read, decoded, resized and augmented (seeds from `(seed, step, row)`), in a
-parallel `map`. Eval: `sampling.eval_plan` lists every clip, padded to whole global batches and
+those frames are read and decoded (uint8) in a parallel `map`, and each batch is then flipped,
+normalised and erased in one fused XLA function (seeds from `(seed, step, row in the global
+batch)`, so the batches do not depend on the number of hosts). Eval: `sampling.eval_plan` lists every clip, padded to whole global batches and
 split over hosts; padding rows are zeros with `mask=False` and `tracklet_index=-1`.
 
 Frames come from the reader's file paths (`config.data.source == "files"`) or from a prepared
@@ -23,6 +24,8 @@ from data_pipelines import transforms
 from data_pipelines.tracklets import Tracklet
 
 _GPU_HIDDEN = False
+# Normalisation, flip and erasing of a whole batch run as one XLA-compiled function.
+_JIT = True
 
 
 def _hide_gpus() -> None:
@@ -182,14 +185,20 @@ def train_dataset(
   source = frame_source(tracklets, config)
 
   def load(t, f, pid, cam, step, row):
-    frames = source.load(t, f, H, W)
-    frames = transforms.train_clip(frames, transforms.clip_seed(seed, step, row), d)
-    return {"frames": frames, "pid": pid, "camid": cam}
+    frames = source.load(t, f, H, W)  # (L, H, W, 3) uint8
+    flip, boxes = transforms.augment_params(transforms.clip_seed(seed, step, row), L, H, W, d)
+    return frames, flip, boxes, pid, cam
+
+  def finish(frames, flip, boxes, pid, cam):
+    valid = tf.ones_like(flip)
+    out = transforms.finish_batch(frames, flip, boxes, valid, d.mean, d.std, jit=_JIT)
+    return {"frames": out, "pid": pid, "camid": cam}
 
   ds = tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
   ds = ds.flat_map(plan_tf)
   ds = ds.map(load, num_parallel_calls=_parallel(config), deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
+  ds = ds.map(finish, num_parallel_calls=_parallel(config), deterministic=True)
   ds = ds.prefetch(int(d.prefetch))
   return ds.with_options(_options(num_threads))
 
@@ -287,18 +296,25 @@ def eval_iterator(
 
     def load(t, f, m):
       if source is None:
-        frames = tf.zeros([L, H, W, 3], tf.float32)
+        frames = tf.zeros([L, H, W, 3], tf.uint8)
       else:
         frames = tf.cond(
             m,
-            lambda: transforms.eval_clip(source.load(tf.maximum(t, 0), f, H, W), d),
-            lambda: tf.zeros([L, H, W, 3], tf.float32),
+            lambda: source.load(tf.maximum(t, 0), f, H, W),
+            lambda: tf.zeros([L, H, W, 3], tf.uint8),
         )
-      return {"frames": frames, "mask": m, "tracklet_index": t}
+      return frames, m, t
+
+    def finish(frames, m, t):
+      flip = tf.zeros_like(m)
+      boxes = tf.zeros([local, L, 4], tf.int32)
+      out = transforms.finish_batch(frames, flip, boxes, m, d.mean, d.std, jit=_JIT)
+      return {"frames": out, "mask": m, "tracklet_index": t}
 
     ds = tf.data.Dataset.from_tensor_slices((t_rows, f_rows, m_rows))
     ds = ds.map(load, num_parallel_calls=_parallel(config), deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
+    ds = ds.map(finish, num_parallel_calls=_parallel(config), deterministic=True)
     ds = ds.prefetch(int(d.prefetch))
     return ds.with_options(_options(num_threads))
 

@@ -4,15 +4,20 @@ All randomness is stateless (`tf.random.stateless_*`) and comes from a seed deri
 `(config.seed, step, index in the global batch)` by `clip_seed`, so batches are reproducible
 and a resumed run sees the same augmentations.
 
-Order as the official STMN training transform: resize -> [0, 1] -> normalise -> random erasing
-(erased pixels set to 0 after normalisation, i.e. the mean colour), plus a horizontal flip drawn
-once per tracklet and applied to all its frames.
+Order as the official STMN training transform: resize (to uint8, as PIL) -> [0, 1] -> normalise
+-> random erasing (erased pixels set to 0 after normalisation, i.e. the mean colour), plus a
+horizontal flip drawn once per tracklet and applied to all its frames.
+
+Frames are decoded per clip as uint8; the float work of a whole batch (flip, normalise, erase)
+is one XLA-compiled function (`finish_batch`), which writes the float32 batch in a single pass.
+`train_clip` / `eval_clip` are the same computation written with the single ops, per clip.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # Tags that keep the random streams of one clip apart.
@@ -32,41 +37,42 @@ def clip_seed(seed: int | tf.Tensor, step: int | tf.Tensor, index: int | tf.Tens
 
 
 def decode_frame(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """Encoded JPEG/PNG bytes -> (H, W, 3) float32 in [0, 1], resized bilinearly.
+  """Encoded JPEG/PNG bytes -> (H, W, 3) uint8, resized bilinearly if its size differs.
 
-  `antialias=True` so that downscaling matches PIL's bilinear resize (the official code's
-  torchvision `Resize`); frames already at (H, W) are only converted.
+  `antialias=True` and rounding back to uint8 as PIL's bilinear resize (the official code's
+  torchvision `Resize` on a PIL image, followed by `ToTensor`); frames already at (H, W) are
+  returned as decoded.
   """
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
-  image = tf.image.convert_image_dtype(image, tf.float32)
   shape = tf.shape(image)
   same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
-  image = tf.cond(
-      same,
-      lambda: image,
-      lambda: tf.image.resize(image, (height, width), method="bilinear", antialias=True),
-  )
-  image = tf.clip_by_value(image, 0.0, 1.0)
+
+  def resize():
+    x = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear",
+                        antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+  image = tf.cond(same, lambda: image, resize)
   image.set_shape([height, width, 3])
   return image
 
 
 def decode_clip(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """(L,) encoded frames -> (L, H, W, 3) float32 in [0, 1]."""
+  """(L,) encoded frames -> (L, H, W, 3) uint8."""
   return tf.map_fn(
       lambda e: decode_frame(e, height, width),
       encoded,
-      fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+      fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
   )
 
 
 def read_clip(paths: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """(L,) file paths -> (L, H, W, 3) float32 in [0, 1]; only these files are read."""
+  """(L,) file paths -> (L, H, W, 3) uint8; only these files are read."""
   return tf.map_fn(
       lambda p: decode_frame(tf.io.read_file(p), height, width),
       paths,
-      fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+      fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
   )
 
 
@@ -141,18 +147,69 @@ def erase(frames: tf.Tensor, boxes: tf.Tensor, value: float = 0.0) -> tf.Tensor:
   return frames * (1.0 - mask) + value * mask
 
 
-def train_clip(frames01: tf.Tensor, seed: tf.Tensor, data_config) -> tf.Tensor:
-  """(L, H, W, 3) in [0, 1] -> flipped (per clip), normalised, erased (per frame) float32."""
-  num_frames, height, width = frames01.shape[0], frames01.shape[1], frames01.shape[2]
-  frames, _ = random_flip(frames01, seed, data_config.flip_prob)
-  frames = normalize(frames, data_config.mean, data_config.std)
+def augment_params(seed: tf.Tensor, num_frames: int, height: int, width: int,
+                   data_config) -> tuple[tf.Tensor, tf.Tensor]:
+  """A clip's random augmentation: flip () bool (per clip), boxes (L, 4) int32 (per frame)."""
+  flip = tf.random.stateless_uniform(
+      [], tf.random.experimental.stateless_fold_in(seed, _FLIP_TAG)) < data_config.flip_prob
   boxes = erasing_boxes(
       seed, num_frames, height, width, data_config.erasing_prob,
       tuple(data_config.erasing_area), tuple(data_config.erasing_aspect),
   )
-  return erase(frames, boxes, 0.0)
+  return flip, boxes
 
 
-def eval_clip(frames01: tf.Tensor, data_config) -> tf.Tensor:
-  """(L, H, W, 3) in [0, 1] -> normalised float32 (no randomness)."""
-  return normalize(frames01, data_config.mean, data_config.std)
+def _finish(frames, flip, boxes, valid, mean, std):
+  """The fused per-batch step; see `finish_batch`."""
+  height, width = frames.shape[2], frames.shape[3]
+  x = tf.cast(frames, tf.float32)
+  x = tf.where(flip[:, None, None, None, None], tf.reverse(x, axis=[3]), x)
+  x = (x * (1.0 / 255.0) - mean) / std
+  rows = tf.range(height)[None, None, :]
+  cols = tf.range(width)[None, None, :]
+  top, left, h, w = (boxes[..., i : i + 1] for i in range(4))  # (B, L, 1)
+  in_rows = (rows >= top) & (rows < top + h)  # (B, L, H)
+  in_cols = (cols >= left) & (cols < left + w)  # (B, L, W)
+  erased = in_rows[:, :, :, None, None] & in_cols[:, :, None, :, None]
+  erased = erased | ~valid[:, None, None, None, None]
+  return tf.where(erased, tf.zeros_like(x), x)
+
+
+_FINISHERS: dict = {}
+
+
+def finish_batch(frames: tf.Tensor, flip: tf.Tensor, boxes: tf.Tensor, valid: tf.Tensor,
+                 mean: Sequence[float], std: Sequence[float], jit: bool = True) -> tf.Tensor:
+  """(B, L, H, W, 3) uint8 -> float32: flip clips, normalise, erase boxes, zero invalid rows.
+
+  `flip` (B,) bool, `boxes` (B, L, 4) `[top, left, h, w]`, `valid` (B,) bool. Written as one
+  XLA-compiled function (`jit`), so the float batch is produced in a single pass over memory:
+  equal to `erase(normalize(flip_clip(frames / 255)))` clip by clip.
+  """
+  key = (tuple(float(m) for m in mean), tuple(float(s) for s in std), bool(jit))
+  fn = _FINISHERS.get(key)
+  if fn is None:
+    m = np.asarray(key[0], np.float32)
+    sd = np.asarray(key[1], np.float32)
+    fn = tf.function(lambda f, fl, b, v: _finish(f, fl, b, v, m, sd), jit_compile=key[2],
+                     reduce_retracing=True)
+    _FINISHERS[key] = fn
+  return fn(frames, flip, boxes, valid)
+
+
+def train_clip(frames: tf.Tensor, seed: tf.Tensor, data_config) -> tf.Tensor:
+  """(L, H, W, 3) uint8 -> flipped (per clip), normalised, erased (per frame) float32.
+
+  Reference composition of the single ops (the pipeline uses `augment_params` + the fused
+  `finish_batch`, which gives the same values).
+  """
+  num_frames, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+  flip, boxes = augment_params(seed, num_frames, height, width, data_config)
+  x = flip_clip(tf.cast(frames, tf.float32) / 255.0, flip)
+  x = normalize(x, data_config.mean, data_config.std)
+  return erase(x, boxes, 0.0)
+
+
+def eval_clip(frames: tf.Tensor, data_config) -> tf.Tensor:
+  """(L, H, W, 3) uint8 -> normalised float32 (no randomness)."""
+  return normalize(tf.cast(frames, tf.float32) / 255.0, data_config.mean, data_config.std)
