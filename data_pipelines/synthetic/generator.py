@@ -38,7 +38,7 @@ _STREAMS = {"identities": 1, "plan": 2, "camera": 3, "gain": 4, "base": 5, "nois
             "occlusion": 7, "exit": 8, "misalign": 9, "intruder": 10}
 _CHUNK = 32  # frames rendered at once (bounds memory for long tracklets at large sizes)
 _NOISE_BANK = 32  # sensor-noise frames drawn once per generation, picked per frame
-_WRITERS = 3  # threads encoding and writing JPEGs
+_WRITERS = 1  # a thread encoding and writing JPEGs while the main thread renders
 _SPRITE_BYTES = 96 << 20  # sprite cache budget (all sprites of the default fit)
 
 

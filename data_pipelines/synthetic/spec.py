@@ -39,9 +39,9 @@ class SyntheticSpec:
   # Tracklet length: log-uniform in [min_length, short_max_length], except a fraction
   # `long_fraction` of tracklets, uniform in (short_max_length, max_length].
   min_length: int = 1
-  short_max_length: int = 12
+  short_max_length: int = 11
   max_length: int = 120
-  long_fraction: float = 0.05
+  long_fraction: float = 0.04
   # Test-set extras, as in MARS: pid 0 distractor boxes (kept in the gallery) and pid -1 junk
   # boxes (body fragments; MARS only, dropped by the readers).
   num_distractor_tracklets: int = 20
