@@ -9,6 +9,14 @@ JSON sidecar records which distractor touched which frame. Deterministic for `se
 
 CLI: `python -m data_pipelines.synthetic --out=DIR [--layout=mars|dukev] [--knob=value ...]`.
 
+Files next to the layout: `spec.json` (generator version, all knobs, summary counts; written
+last, so its presence marks a complete dataset) and `synthetic_meta.json`, the ground truth:
+`identities` (pid -> attributes, and which earlier pid it is a near copy of) and `tracklets`,
+one entry per tracklet with `pid`, `camid` (0-based), `camera` (1-based), `split`, `query`,
+`kind` (person / distractor / junk), `frames` (paths relative to the root), `view`,
+`other_pid`, `distractors` (names applied) and per-frame 0/1 lists `occluded`, `misaligned`,
+`out_of_frame`, `other_person`. `meta_for(root, tracklets)` maps reader tracklets to entries.
+
 Only the knob definitions (`spec`, standard library) are imported eagerly, so that configs can
 read the defaults cheaply; the generator (NumPy, PIL) loads on first use.
 """
