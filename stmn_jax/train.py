@@ -125,7 +125,7 @@ def create_train_state(
   """Model via the registry (or `model_fn`), `nnx.Optimizer(wrt=nnx.Param)`, replicated."""
   model_fn = model_fn or default_model_fn
   base = jax.random.PRNGKey(config.seed)
-  model = model_fn(config, num_classes, nnx.Rngs(params=jax.random.fold_in(base, 1)))
+  model = model_fn(config, num_classes, nnx.Rngs(jax.random.fold_in(base, 1)))
   tx, lr_fn = create_optimizer(config, steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   model.eval()
@@ -220,18 +220,6 @@ def make_embed_fn(state: TrainState, mesh: Mesh, flip: bool) -> Callable:
   )
 
 
-def _host_local(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for s in shards:
-    start = s.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      rows.append(np.asarray(s.data))
-  return np.concatenate(rows, axis=0)
-
-
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_tracklets(
     state: TrainState,
@@ -258,11 +246,11 @@ def evaluate_tracklets(
       tracklets, config, sampling=config.eval.sampling, clips=config.eval.clips
   )
 
-  def host_embed(frames):
+  def global_embed(frames):  # host-local frames -> global (B, D); extract_features gathers
     frames = sharding.global_batch({"frames": frames}, mesh)["frames"]
-    return _host_local(embed_fn(state.model_state, frames))
+    return embed_fn(state.model_state, frames)
 
-  feats = np.asarray(evaluation.extract_features(host_embed, batches, len(tracklets)))
+  feats = np.asarray(evaluation.extract_features(global_embed, batches, len(tracklets)))
   q_idx = np.asarray([unique[t] for t in query])
   g_idx = np.asarray([unique[t] for t in gallery])
   q, g = tracklets_lib.arrays(query), tracklets_lib.arrays(gallery)
@@ -435,6 +423,7 @@ def train_and_evaluate(
   }
   last_train: dict = {}
   history: list[dict] = []
+  loss_history: list[tuple[int, float]] = []
   stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
   def evaluate_on(split, label):
@@ -470,10 +459,13 @@ def train_and_evaluate(
             fetched = _fetch_and_check(pending)
             last_train = fetched[-1][1]
             if is_log:
+              loss_history.append((done, last_train["loss"]))
               writer.write_scalars(done, _scalars("train", last_train))
-              rate = clips_seen / max(time.time() - t0, 1e-9)
+              now = time.time()
+              rate = clips_seen / max(now - t0, 1e-9)  # since the last log line
+              t0, clips_seen = now, 0
               logging.info(
-                  "step %d/%d epoch %.2f %s clips/s %.1f", done, total_steps, done / spe,
+                  "step %d/%d epoch %.2f %s clips/s %.2f", done, total_steps, done / spe,
                   " ".join(f"{k} {v:.4g}" for k, v in sorted(last_train.items())), rate,
               )
           if is_ckpt:
@@ -488,6 +480,7 @@ def train_and_evaluate(
       summary["step"] = state.step
       summary["train"] = last_train
       summary["history"] = history
+      summary["loss_history"] = loss_history
       if state.step < total_steps:
         summary["stopped_early"] = True
         return state, summary

@@ -1,0 +1,61 @@
+"""Entry point: `python main.py --config=configs/synthetic.py[:words] --workdir=DIR [--mode=...]`.
+
+Flags only; everything else lives in `stmn_jax.app` (modes) and `stmn_jax.train`. Override any
+config field with `--config.<key>=<value>`, e.g. `--config.optim.num_epochs=3`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = "configs/synthetic.py"
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Config file, `path.py[:model,smoke]`.", lock_config=True
+  )
+  flags.DEFINE_string(
+      "workdir", "", "Checkpoints, TensorBoard logs, results.json "
+      "(default: workdir/<config name>[_<words>]).")
+  flags.DEFINE_string("mode", "train", "train | eval (see stmn_jax.app.MODES).")
+  flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+  flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # TF (tf.data) must not take the accelerators JAX uses.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], "GPU")
+  from stmn_jax import app as stmn_app  # pylint: disable=g-import-not-at-top
+  from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  sharding.maybe_initialize_distributed(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
+  config_arg = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") \
+      else DEFAULT_CONFIG
+  workdir = FLAGS.workdir or stmn_app.default_workdir(config_arg)
+  logging.info("workdir: %s", workdir)
+  stmn_app.run(FLAGS.config, workdir, FLAGS.mode)
+
+
+if __name__ == "__main__":
+  from stmn_jax import app as _stmn_app  # pylint: disable=g-import-not-at-top
+
+  try:
+    _stmn_app.check_config_overrides(sys.argv[1:], DEFAULT_CONFIG)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"main.py: {e}")
+  define_flags()
+  app.run(main)
