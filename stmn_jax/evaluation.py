@@ -86,11 +86,11 @@ def pairwise_distance(
     )
   n = q.shape[0]
   if chunk_size is None or chunk_size >= n:
-    return np.asarray(_distance_block(q, g, metric))
+    return np.asarray(_distance_block(_to_device(q), _to_device(g), metric))
   if chunk_size < 1:
     raise ValueError(f"chunk_size = {chunk_size}: expected >= 1 or None")
-  gj = jnp.asarray(g)
-  out = np.empty((n, g.shape[0]), np.float32)
+  gj = _to_device(g)
+  out = _aligned_empty((n, g.shape[0]))  # aligned: `rank` moves it to the device fast
   for start in range(0, n, chunk_size):
     block = q[start:start + chunk_size]
     rows = block.shape[0]
@@ -291,16 +291,23 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+  """An uninitialised float32 array whose data starts on a 64-byte boundary."""
+  nbytes = int(np.prod(shape)) * 4
+  buf = np.empty(nbytes + 64, np.uint8)
+  offset = (-buf.ctypes.data) % 64
+  return buf[offset:offset + nbytes].view(np.float32).reshape(shape)
+
+
 def _to_device(x: Any) -> jax.Array:
   """A float32 jax.Array of x. NumPy input is first copied to a 64-byte aligned buffer when it
-  is not aligned: `device_put` of an aligned array is ~10x faster on CPU than `jnp.asarray`."""
+  is not aligned: on CPU, `device_put` of an aligned array was ~10x faster than of an unaligned
+  one or than `jnp.asarray` (90 MB: 0.05 s vs 0.45-0.7 s on the loaded dev machine)."""
   if isinstance(x, jax.Array):
     return x.astype(jnp.float32)
   x = np.asarray(x, np.float32)
   if not x.flags.c_contiguous or x.ctypes.data % 64:
-    buf = np.empty(x.nbytes + 64, np.uint8)
-    offset = (-buf.ctypes.data) % 64
-    aligned = buf[offset:offset + x.nbytes].view(np.float32).reshape(x.shape)
+    aligned = _aligned_empty(x.shape)
     aligned[...] = x
     x = aligned
   return jax.device_put(x)
@@ -380,10 +387,10 @@ def rank_reference(
 
 # ------------------------------------------------------------------------------ pooling
 @functools.partial(jax.jit, static_argnames=("num_tracklets",))
-def _pool(emb: jax.Array, seg: jax.Array, weight: jax.Array, num_tracklets: int):
-  """(N, D), (N,) in [0, T] (T = dropped), (N,) -> sums (T, D), counts (T,)."""
-  sums = jax.ops.segment_sum(emb * weight[:, None], seg, num_segments=num_tracklets + 1)
-  counts = jax.ops.segment_sum(weight, seg, num_segments=num_tracklets + 1)
+def _pool(emb: jax.Array, seg: jax.Array, num_tracklets: int):
+  """(N, D), (N,) in [0, T] (T: padding, dropped) -> sums (T, D), clip counts (T,)."""
+  sums = jax.ops.segment_sum(emb, seg, num_segments=num_tracklets + 1)
+  counts = jax.ops.segment_sum(jnp.ones_like(seg, jnp.float32), seg, num_segments=num_tracklets + 1)
   return sums[:num_tracklets], counts[:num_tracklets]
 
 
@@ -411,7 +418,7 @@ def pool_clips(
         f"[0, {num_tracklets})"
     )
   seg = np.where(mask, index, num_tracklets).astype(np.int32)
-  sums, counts = _pool(emb, seg, mask.astype(np.float32), num_tracklets)
+  sums, counts = _pool(emb, seg, num_tracklets)
   counts = np.asarray(counts)
   missing = np.flatnonzero(counts == 0)
   if missing.size:
