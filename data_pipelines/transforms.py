@@ -67,10 +67,27 @@ def decode_clip(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
   )
 
 
+def check_image(encoded: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
+  """`encoded` unchanged, after asserting it starts like a JPEG, PNG, BMP or GIF file.
+
+  The error names the file (`name`), which the decoder's own message does not.
+  """
+  head = tf.strings.substr(encoded, 0, 4)
+  ok = tf.reduce_any(tf.stack([
+      tf.strings.substr(head, 0, 2) == b"\xff\xd8",  # JPEG
+      head == b"\x89PNG",
+      tf.strings.substr(head, 0, 2) == b"BM",
+      tf.strings.substr(head, 0, 3) == b"GIF",
+  ]))
+  check = tf.debugging.Assert(ok, ["frame is not a JPEG/PNG/BMP/GIF image:", name])
+  with tf.control_dependencies([check]):
+    return tf.identity(encoded)
+
+
 def read_clip(paths: tf.Tensor, height: int, width: int) -> tf.Tensor:
   """(L,) file paths -> (L, H, W, 3) uint8; only these files are read."""
   return tf.map_fn(
-      lambda p: decode_frame(tf.io.read_file(p), height, width),
+      lambda p: decode_frame(check_image(tf.io.read_file(p), p), height, width),
       paths,
       fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
   )

@@ -164,3 +164,44 @@ def test_eval_defaults_come_from_config(tracklets):
   b = next(iter(ev))
   np.testing.assert_array_equal(b["tracklet_index"], [0, 1, 2, 2])
   assert b["mask"].all()
+
+
+def test_only_the_sampled_frames_are_read(tmp_path):
+  # Frames that RRS-test sampling does not pick are not images at all: reading one would fail.
+  config = _config()
+  tracks = []
+  for t in range(3):
+    paths = []
+    for j in range(12):  # L=4: chunks of 3, the test picks frames 0, 3, 6, 9
+      p = str(tmp_path / f"t{t}_f{j:02d}.png")
+      if j % 3 == 0:
+        Image.fromarray(np.broadcast_to(_frame_value(t, j), (H, W, 3)).copy()).save(p)
+      else:
+        with open(p, "wb") as f:
+          f.write(b"not an image")
+      paths.append(p)
+    tracks.append(Tracklet(tuple(paths), t, 0))
+  ev = pipeline.eval_iterator(tracks, config, sampling="rrs", process_index=0, process_count=1)
+  batch = next(iter(ev))
+  np.testing.assert_array_equal(batch["tracklet_index"], [0, 1, 2, -1])
+  for t in range(3):
+    expect = _expected_frames(t, [0, 3, 6, 9])[:, None, None, :]
+    np.testing.assert_allclose(batch["frames"][t], np.broadcast_to(expect, (4, H, W, 3)),
+                               atol=1e-5)
+  # A corrupt frame that is sampled gives an error naming the problem.
+  all_frames = pipeline.eval_iterator(tracks, config, sampling="all_frames",
+                                      process_index=0, process_count=1)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"not a JPEG/PNG.*t0_f01\.png"):
+    list(all_frames)
+
+
+def test_input_benchmark_runs_and_reports(tmp_path, capsys):
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  summary = input_pipeline.main(["--data=random", "--height=32", "--width=16", "--batches=1",
+                                 "--warmup=1", "--threads=1", f"--dir={tmp_path}"])
+  (r,) = summary["results"]
+  assert r["threads"] == 1 and r["frames_per_batch"] == 8 * 4 * 6
+  assert r["frames_per_s"] > 0 and r["frames_per_s_per_thread"] == r["frames_per_s"]
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert '"benchmark": "input_pipeline"' in last
