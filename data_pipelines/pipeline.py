@@ -14,7 +14,7 @@ TFDS ArrayRecord builder (`"tfds"`, see `data_pipelines/tfds_builders`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -232,12 +232,13 @@ class EvalIterator:
   """Re-iterable host-local eval batches `{"frames", "mask", "tracklet_index"}`.
 
   `num_batches` is the same on every host; `plan` is the global `sampling.EvalPlan`
-  (clip -> tracklet mapping, mask); `local_batch` the per-host batch size.
+  (clip -> tracklet mapping, mask); `local_batch` the per-host batch size. Each `iter()` starts
+  a new pass over the same tf.data.Dataset (`dataset`).
   """
 
   plan: sampling.EvalPlan
   process_index: int
-  _make: Callable[[], tf.data.Dataset]
+  dataset: tf.data.Dataset
 
   @property
   def num_batches(self) -> int:
@@ -250,11 +251,8 @@ class EvalIterator:
   def __len__(self) -> int:
     return self.num_batches
 
-  def dataset(self) -> tf.data.Dataset:
-    return self._make()
-
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self._make().as_numpy_iterator())
+    return iter(self.dataset.as_numpy_iterator())
 
 
 def eval_iterator(
@@ -291,8 +289,9 @@ def eval_iterator(
   f_rows = plan.frames[rows].astype(np.int64)
   m_rows = plan.mask[rows]
 
+  source = frame_source(tracklets, config) if tracklets else None
+
   def make() -> tf.data.Dataset:
-    source = frame_source(tracklets, config) if tracklets else None
 
     def load(t, f, m):
       if source is None:
@@ -318,4 +317,4 @@ def eval_iterator(
     ds = ds.prefetch(int(d.prefetch))
     return ds.with_options(_options(num_threads))
 
-  return EvalIterator(plan=plan, process_index=process_index, _make=make)
+  return EvalIterator(plan=plan, process_index=process_index, dataset=make())

@@ -164,6 +164,9 @@ def test_eval_defaults_come_from_config(tracklets):
   b = next(iter(ev))
   np.testing.assert_array_equal(b["tracklet_index"], [0, 1, 2, 2])
   assert b["mask"].all()
+  again = next(iter(ev))  # re-iterable: a second pass yields the same batch
+  for k in b:
+    np.testing.assert_array_equal(b[k], again[k])
 
 
 def test_only_the_sampled_frames_are_read(tmp_path):
