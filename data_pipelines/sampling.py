@@ -69,19 +69,20 @@ def all_frames_clips(
   one padded with the tracklet's last frame.
 
   `pad` sets how the interleaved mode pads short tracklets: "last" repeats the last frame
-  (default); "official" repeats the second-to-last frame as the official STMN code does
-  (`imgs[-2:-1]`), falling back to the only frame when n == 1 (where the official loop never
-  ends).
+  (default); "official" appends the current second-to-last frame until L frames, as the official
+  STMN code's `imgs[-2:-1]` loop (n=3, L=6: 0 1 2 1 2 1), repeating the only frame when n == 1
+  (where the official loop never ends).
   """
   _check_positive("num_frames", num_frames)
   _check_positive("seq_len", seq_len)
   if mode == "interleaved":
     if pad not in ("last", "official"):
       raise ValueError(f"pad must be 'last' or 'official', got {pad!r}")
-    frames = np.arange(num_frames)
-    if num_frames < seq_len:
-      fill = num_frames - 1 if pad == "last" or num_frames == 1 else num_frames - 2
-      frames = np.concatenate([frames, np.full(seq_len - num_frames, fill)])
+    frames = list(range(num_frames))
+    while len(frames) < seq_len:
+      # official: frames += frames[-2:-1] (the current second-to-last, so it alternates)
+      frames.append(frames[-2] if pad == "official" and len(frames) > 1 else frames[-1])
+    frames = np.asarray(frames)
     div = len(frames) // seq_len
     # clip i, position j -> frames[j * div + i]
     grid = np.arange(seq_len)[None, :] * div + np.arange(div)[:, None]

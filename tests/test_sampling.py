@@ -80,8 +80,17 @@ def test_interleaved_clips_match_the_official_rule(n):
     assert sorted(clips.reshape(-1).tolist()) == list(range(L * div))
 
 
-def test_interleaved_official_padding_repeats_second_to_last():
-  assert sampling.all_frames_clips(4, 6, pad="official").tolist() == [[0, 1, 2, 3, 2, 2]]
+def _official_pad(n, L):
+  imgs = list(range(n))
+  while len(imgs) < L:
+    imgs = imgs + imgs[-2:-1]
+  return imgs
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_interleaved_official_padding_repeats_second_to_last(n):
+  assert sampling.all_frames_clips(n, 6, pad="official").tolist() == [_official_pad(n, 6)]
+  assert sampling.all_frames_clips(3, 6, pad="official").tolist() == [[0, 1, 2, 1, 2, 1]]
   # n=1 loops forever in the official code; here it repeats the only frame.
   assert sampling.all_frames_clips(1, 6, pad="official").tolist() == [[0] * 6]
 
