@@ -130,13 +130,13 @@ def _same_pid_items(q_pids, g_pids, q_camids, g_camids):
   Returns (match_idx (Q, M), match_counts (Q,), same_cam_idx (Q, S), same_cam_counts (Q,)):
   gallery indices with the query's pid in another camera (true matches) and in the query's
   camera (removed), in gallery order, the first `counts` of each row real. Found by grouping
-  the gallery by pid (one sort of the pid vector), never by a (Q, G) comparison. The gallery
-  must already be free of pid -1 items.
+  the gallery by pid (one sort of the pid vector), never by a (Q, G) comparison. A pid -1
+  query has neither (pid -1 gallery items are junk, handled by the caller).
   """
   order = np.argsort(g_pids, kind="stable")
   sorted_pids = g_pids[order]
   lo = np.searchsorted(sorted_pids, q_pids, side="left")
-  hi = np.searchsorted(sorted_pids, q_pids, side="right")
+  hi = np.where(q_pids == -1, lo, np.searchsorted(sorted_pids, q_pids, side="right"))
   width = max(int((hi - lo).max(initial=0)), 1)
   slot = np.arange(width)
   in_group = slot[None, :] < (hi - lo)[:, None]
@@ -164,7 +164,7 @@ def _match_positions(
 ) -> jax.Array:
   """0-based position of each (query, true match) pair among the query's valid gallery items.
 
-  distmat (Q, G) with no pid -1 column; pair_q, pair_g (P,) query row and gallery column of a
+  distmat (Q, G) with NaN in the pid -1 columns; pair_q, pair_g (P,) query row and gallery column of a
   true match; pair_removed (P, S) the query's same-pid same-camera gallery columns, the first
   pair_num_removed (P,) real -> (P,) int32. Position = number of items before the match
   (smaller distance, or equal and lower column) minus the removed items among them. P must be
@@ -230,27 +230,26 @@ def rank(
 
   The work unit is a (query, true match) pair: a jitted kernel counts, for `chunk_size` pairs
   per call (rounded up to a multiple of 16; the last call padded, so one shape is compiled), the gallery items that come before
-  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G).
-  pid -1 columns are dropped first (a column subset keeps the gallery order, so ties break the
-  same way). The metrics are then computed in float64 from the positions. Raises ValueError on
+  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G),
+  plus one masked copy of it when the gallery has pid -1 items (set to NaN, which never
+  compares true). The metrics are then computed in float64 from the positions. Raises ValueError on
   NaN distances or when no query has a true match.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size = {chunk_size}: expected >= 1")
   ids = _check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap)
-  num_q = ids["q_pids"].shape[0]
-  keep = np.flatnonzero(ids["g_pids"] != -1)
-  g_pids, g_camids = ids["g_pids"][keep], ids["g_camids"][keep]
+  num_q, num_g = distmat.shape
   match_idx, counts, removed_idx, num_removed = _same_pid_items(
-      ids["q_pids"], g_pids, ids["q_camids"], g_camids)
+      ids["q_pids"], ids["g_pids"], ids["q_camids"], ids["g_camids"])
   valid_q = np.flatnonzero(counts > 0)
   if valid_q.size == 0:
     raise ValueError(f"none of the {num_q} queries has a true match in the gallery "
                      "(same pid, other camera, pid != -1)")
   d = _to_device(distmat)
-  if keep.size < ids["g_pids"].shape[0]:
-    d = jnp.take(d, jnp.asarray(keep, jnp.int32), axis=1)
   _check_no_nan(d)
+  junk = ids["g_pids"] == -1
+  if junk.any():  # NaN never compares true: junk columns never count as "before" a match
+    d = _mask_columns(d, jnp.asarray(junk))
 
   # One pair per (valid query, true match), in query order.
   pair_q = np.repeat(np.arange(num_q), counts).astype(np.int32)
@@ -272,7 +271,7 @@ def rank(
       for a in range(0, padded, chunk_size)
   ]
   positions = np.concatenate([np.asarray(o) for o in outs])[:total]
-  table = np.full((num_q, match_idx.shape[1]), keep.size, np.int64)
+  table = np.full((num_q, match_idx.shape[1]), num_g, np.int64)
   table[pair_q[:total], slot] = positions
   table = np.sort(table[valid_q], axis=1)
   per_query = _metrics_from_positions(table, counts[valid_q], ap)
@@ -311,6 +310,12 @@ def _to_device(x: Any) -> jax.Array:
     aligned[...] = x
     x = aligned
   return jax.device_put(x)
+
+
+@jax.jit
+def _mask_columns(d: jax.Array, columns: jax.Array) -> jax.Array:
+  """(Q, G), (G,) bool -> (Q, G) with NaN in the marked columns."""
+  return jnp.where(columns[None, :], jnp.nan, d)
 
 
 @jax.jit

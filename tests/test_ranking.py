@@ -11,6 +11,7 @@ def random_case(rng, num_q, num_g, num_ids=8, num_cams=3, levels=5):
   whose pid is absent from the gallery."""
   distmat = rng.integers(0, levels, (num_q, num_g)).astype(np.float32)
   q_pids = rng.integers(0, num_ids + 2, num_q)  # ids num_ids, num_ids+1: never in the gallery
+  q_pids[0] = -1  # a junk query: never valid
   g_pids = rng.integers(-1, num_ids, num_g)
   q_cams = rng.integers(0, num_cams, num_q)
   g_cams = rng.integers(0, num_cams, num_g)
