@@ -20,6 +20,8 @@ Width multiplier: every channel count (stem and the `planes` of each stage) is s
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -43,9 +45,32 @@ STAGE_STRIDES = (1, 2, 2, 2)  # torchvision strides of layer1..layer4
 BN_MOMENTUM = 0.9  # Flax convention: new = m * old + (1 - m) * batch; PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal
-# with std sqrt(2 / (kh * kw * out)).
-conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+INIT_BLOCK = 1 << 16  # normals are drawn in blocks of this size (see `conv_kernel_init`)
+
+
+@jax.jit
+def _normal_block(key: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.random.normal(jax.random.fold_in(key, index), (INIT_BLOCK,), jnp.float32)
+
+
+def conv_kernel_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+  """torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")` for HWIO kernels.
+
+  An untruncated normal with std sqrt(2 / (kh * kw * out)). The normals come from one jitted
+  fixed-size sampler (block i uses `fold_in(key, i)`), so XLA compiles the random generator
+  once per process instead of once per kernel shape (seconds each on a busy CPU).
+  """
+  shape = tuple(int(d) for d in shape)
+  n = math.prod(shape)
+  blocks = tuple(_normal_block(key, jnp.int32(i)) for i in range(-(-n // INIT_BLOCK)))
+  return _scale_blocks(blocks, shape, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _scale_blocks(blocks: tuple[jax.Array, ...], shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
+  kh, kw, _, out = shape
+  z = jnp.concatenate(blocks)[: math.prod(shape)].reshape(shape)
+  return (z * math.sqrt(2.0 / (kh * kw * out))).astype(dtype)
 
 
 def _block_spec(depth: int) -> tuple[str, tuple[int, int, int, int]]:
