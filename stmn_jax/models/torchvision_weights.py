@@ -252,7 +252,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   """Write a NumPy state dict as .npz or .safetensors (chosen by the extension)."""
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
-  arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+  arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d shapes
   if ext == ".npz":
     np.savez(path, **arrays)
   elif ext == ".safetensors":
