@@ -1,0 +1,174 @@
+"""Model speed: forward and train-step throughput of STMN and the baseline, against the GEMM rate.
+
+  python -m benchmarks.model_step [--paper-batch] [--models=stmn,baseline] [--repeats=2]
+
+For each model at 256x128 (config.data), batch 4 tracklets x 6 frames by default
+(`--paper-batch`: the paper's 8 ids x 4 tracklets x 6 frames, slow on a CPU):
+- forward (eval-mode BN, jitted) frames/s;
+- train step (total_loss + grads + Adam with coupled weight decay, model and optimizer state
+  donated) seconds per step; compile times are reported apart;
+- FLOPs per frame from XLA's `cost_analysis()` of the compiled programs;
+- the machine's fp32 GEMM rate (jitted 4096^3 matmul) and each achieved rate as a fraction of it.
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from configs import mars
+from stmn_jax import losses, models
+
+
+def _flops(compiled) -> float:
+  """FLOPs of a compiled XLA program (cost_analysis is a dict, or a list of dicts)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def gemm_gflops(n: int = 4096, repeats: int = 3) -> float:
+  """fp32 GEMM rate of `jax.jit(a @ b)` for n x n matrices, in GFLOP/s."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, b))
+  return 2 * n ** 3 / _median_time(lambda: mm(a, b), repeats) / 1e9
+
+
+def optimizer_for(config) -> optax.GradientTransformation:
+  """Adam with coupled L2 weight decay (torch.optim.Adam(weight_decay=...)), config.optim."""
+  o = config.optim
+  return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                     optax.adam(o.learning_rate, b1=o.b1, b2=o.b2))
+
+
+def bench_model(config, num_classes: int, batch: int, repeats: int) -> dict[str, Any]:
+  """Forward and train-step figures for one config."""
+  length, h, w = config.data.seq_len, config.data.height, config.data.width
+  frames_n = batch * length
+  rng = np.random.default_rng(0)
+  frames = jnp.asarray(rng.normal(size=(batch, length, h, w, 3)), jnp.float32)
+  pid = jnp.asarray(np.arange(batch) // 2 % num_classes, jnp.int32)  # pairs of tracklets
+
+  model = models.create_model(config, num_classes, nnx.Rngs(0), load_weights=False)
+
+  # ------------------------------------------------------------------ forward (eval mode)
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, frames):
+    return nnx.merge(graphdef, state)(frames)["embedding"]
+
+  t = time.perf_counter()
+  fwd = forward.lower(state, frames).compile()
+  fwd_compile = time.perf_counter() - t
+  fwd_flops = _flops(fwd)
+  jax.block_until_ready(fwd(state, frames))
+  fwd_time = _median_time(lambda: fwd(state, frames), repeats)
+
+  # ------------------------------------------------------------------ train step
+  model = nnx.merge(graphdef, state)
+  model.train()
+  opt = nnx.Optimizer(model, optimizer_for(config), wrt=nnx.Param)
+  graphdef, train_state = nnx.split((model, opt))
+  del model, opt, state
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(train_state, frames, pid):
+    model, opt = nnx.merge(graphdef, train_state)
+
+    def loss_fn(m):
+      return losses.total_loss(m(frames), {"pid": pid}, config)[0]
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return nnx.state((model, opt)), loss
+
+  t = time.perf_counter()
+  step = train_step.lower(train_state, frames, pid).compile()
+  step_compile = time.perf_counter() - t
+  step_flops = _flops(step)
+  train_state, loss = step(train_state, frames, pid)  # warm-up
+  jax.block_until_ready(loss)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    train_state, loss = step(train_state, frames, pid)
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t)
+  step_time = float(np.median(times))
+  if not np.isfinite(float(loss)):
+    raise RuntimeError(f"non-finite training loss {float(loss)} in the benchmark")
+  return dict(
+      batch=f"{batch}x{length}", frames_per_batch=frames_n,
+      forward_compile_s=fwd_compile, forward_s=fwd_time, forward_frames_per_s=frames_n / fwd_time,
+      forward_gflop_per_frame=fwd_flops / frames_n / 1e9,
+      forward_gflops=fwd_flops / fwd_time / 1e9,
+      train_compile_s=step_compile, train_step_s=step_time,
+      train_frames_per_s=frames_n / step_time,
+      train_gflop_per_frame=step_flops / frames_n / 1e9,
+      train_gflops=step_flops / step_time / 1e9,
+  )
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--paper-batch", action="store_true",
+                      help="the paper's 8 ids x 4 tracklets x 6 frames (192 frames; slow on CPU)")
+  parser.add_argument("--models", default="stmn,baseline",
+                      help="comma-separated presets of configs/common.py MODEL_PRESETS")
+  parser.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
+  parser.add_argument("--num-classes", type=int, default=625)
+  parser.add_argument("--smoke", action="store_true", help="tiny model and images (a check)")
+  args = parser.parse_args(argv)
+
+  gemm = gemm_gflops()
+  print(f"fp32 GEMM 4096^3 (jax.jit): {gemm:.1f} GFLOP/s", flush=True)
+  result: dict[str, Any] = {"gemm_gflops": gemm, "devices": str(jax.devices()[0].platform),
+                            "device_count": jax.device_count()}
+  for preset in [p.strip() for p in args.models.split(",") if p.strip()]:
+    config = mars.get_config(preset + (",smoke" if args.smoke else ""))
+    if not args.smoke:
+      config.data.seq_len = 6
+    batch = (config.data.num_ids_per_batch * config.data.num_tracklets_per_id
+             if args.paper_batch else 4)
+    r = bench_model(config, args.num_classes, batch, args.repeats)
+    r["forward_fraction"] = r["forward_gflops"] / gemm
+    r["train_fraction"] = r["train_gflops"] / gemm
+    print(f"{preset:>10} {r['batch']} at {config.data.height}x{config.data.width}: "
+          f"forward {r['forward_frames_per_s']:.2f} frames/s "
+          f"({r['forward_gflop_per_frame']:.2f} GFLOP/frame, {r['forward_gflops']:.1f} GFLOP/s, "
+          f"{r['forward_fraction']:.0%} of GEMM; compile {r['forward_compile_s']:.1f} s) | "
+          f"train step {r['train_step_s']:.2f} s = {r['train_frames_per_s']:.2f} frames/s "
+          f"({r['train_gflop_per_frame']:.2f} GFLOP/frame, {r['train_gflops']:.1f} GFLOP/s, "
+          f"{r['train_fraction']:.0%} of GEMM; compile {r['train_compile_s']:.1f} s)", flush=True)
+    for k, v in r.items():
+      result[f"{preset}_{k}"] = v
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
