@@ -153,18 +153,20 @@ def _same_pid_items(q_pids, g_pids, q_camids, g_camids):
   return tuple(tables)
 
 
-@functools.partial(jax.jit, static_argnames=("rows_per_step",))
+@functools.partial(jax.jit, static_argnames=("rows_per_step", "has_junk"))
 def _match_positions(
     distmat: jax.Array,
+    junk: jax.Array,
     pair_q: jax.Array,
     pair_g: jax.Array,
     pair_removed: jax.Array,
     pair_num_removed: jax.Array,
     rows_per_step: int,
+    has_junk: bool,
 ) -> jax.Array:
   """0-based position of each (query, true match) pair among the query's valid gallery items.
 
-  distmat (Q, G) with NaN in the pid -1 columns; pair_q, pair_g (P,) query row and gallery column of a
+  distmat (Q, G); junk (G,) bool marks pid -1 columns (used when has_junk); pair_q, pair_g (P,) query row and gallery column of a
   true match; pair_removed (P, S) the query's same-pid same-camera gallery columns, the first
   pair_num_removed (P,) real -> (P,) int32. Position = number of items before the match
   (smaller distance, or equal and lower column) minus the removed items among them. P must be
@@ -180,6 +182,8 @@ def _match_positions(
   def step(args):
     r, i, rem, n_rem = args  # (s,), (s,), (s, S), (s,)
     d = jnp.take(distmat, r, axis=0)  # (s, G)
+    if has_junk:  # NaN never compares true: junk items never come "before" a match
+      d = jnp.where(junk[None, :], jnp.nan, d)
     dm = jnp.take_along_axis(d, i[:, None], axis=1)  # (s, 1): the match's own distance
     before = comes_before(d, gallery_index[None, :], dm, i[:, None])
     # float32 sum is exact (G < 2^24) and takes XLA:CPU's fast reduction path.
@@ -230,9 +234,9 @@ def rank(
 
   The work unit is a (query, true match) pair: a jitted kernel counts, for `chunk_size` pairs
   per call (rounded up to a multiple of 16; the last call padded, so one shape is compiled), the gallery items that come before
-  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G),
-  plus one masked copy of it when the gallery has pid -1 items (set to NaN, which never
-  compares true). The metrics are then computed in float64 from the positions. Raises ValueError on
+  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G).
+  pid -1 items are set to NaN in those 16-row blocks (NaN never compares true, so they never
+  come before a match). The metrics are then computed in float64 from the positions. Raises ValueError on
   NaN distances or when no query has a true match.
   """
   if chunk_size < 1:
@@ -248,8 +252,6 @@ def rank(
   d = _to_device(distmat)
   _check_no_nan(d)
   junk = ids["g_pids"] == -1
-  if junk.any():  # NaN never compares true: junk columns never count as "before" a match
-    d = _mask_columns(d, jnp.asarray(junk))
 
   # One pair per (valid query, true match), in query order.
   pair_q = np.repeat(np.arange(num_q), counts).astype(np.int32)
@@ -264,9 +266,9 @@ def rank(
   pair_num_removed = pad(num_removed[pair_q[:total]].astype(np.int32))
   outs = [
       _match_positions(
-          d, pair_q[a:a + chunk_size], pair_g[a:a + chunk_size],
+          d, jnp.asarray(junk), pair_q[a:a + chunk_size], pair_g[a:a + chunk_size],
           pair_removed[a:a + chunk_size], pair_num_removed[a:a + chunk_size],
-          rows_per_step=_ROWS_PER_STEP,
+          rows_per_step=_ROWS_PER_STEP, has_junk=bool(junk.any()),
       )
       for a in range(0, padded, chunk_size)
   ]
@@ -310,12 +312,6 @@ def _to_device(x: Any) -> jax.Array:
     aligned[...] = x
     x = aligned
   return jax.device_put(x)
-
-
-@jax.jit
-def _mask_columns(d: jax.Array, columns: jax.Array) -> jax.Array:
-  """(Q, G), (G,) bool -> (Q, G) with NaN in the marked columns."""
-  return jnp.where(columns[None, :], jnp.nan, d)
 
 
 @jax.jit
