@@ -95,6 +95,13 @@ def test_tfds_pipeline_equals_file_pipeline(built):
     x, y = next(a), next(b)
     for k in ("frames", "pid", "camid"):
       np.testing.assert_array_equal(x[k], y[k])
+  # Tracklets read from the native layout are matched to their records.
+  c = next(pipeline.train_iterator(native.train, config, start_step=3, process_index=0,
+                                   process_count=1))
+  first = next(pipeline.train_iterator(native.train, files_config, start_step=3,
+                                       process_index=0, process_count=1))
+  for k in ("frames", "pid", "camid"):
+    np.testing.assert_array_equal(c[k], first[k])
   ea = list(pipeline.eval_iterator(split.gallery, config, sampling="all_frames",
                                    process_index=1, process_count=2))
   eb = list(pipeline.eval_iterator(native.gallery, files_config, sampling="all_frames",
@@ -119,10 +126,12 @@ def test_distractor_option_and_errors(built):
   other.dataset.protocol = "torchreid"  # a builder variant that was never prepared
   with pytest.raises(FileNotFoundError, match="not prepared"):
     tfds_builders.read_split(other)
-  # File-path tracklets cannot be read from TFDS.
-  native = readers.read_dataset("dukev", config.dataset.root)
-  with pytest.raises(ValueError, match="not a TFDS frame reference"):
-    pipeline.train_iterator(native.train, config, process_index=0, process_count=1)
+  # A file-path tracklet that is not in the dataset is an error naming its first frame.
+  from data_pipelines.tracklets import Tracklet  # pylint: disable=g-import-not-at-top
+
+  stranger = Tracklet(("/elsewhere/0001_C1_F0001_X1.jpg",), 0, 0)
+  with pytest.raises(ValueError, match="/elsewhere/0001_C1_F0001_X1.jpg.*not in the TFDS"):
+    pipeline.eval_iterator([stranger], config, process_index=0, process_count=1)
   bad = config.copy_and_resolve_references()
   bad.dataset.name = "market1501"
   with pytest.raises(ValueError, match="has no TFDS builder"):

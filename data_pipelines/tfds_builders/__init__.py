@@ -9,7 +9,9 @@ defaults to `config.dataset.root`. The builder variant follows the config: MARS 
 `protocol` ("official" | "torchreid"), iLIDS-VID / PRID2011 `split_id` ("split0".."split9"),
 synthetic knobs (a hash of them). Tracklets read back by `read_split` carry frame references
 `tfds:<part>/<record>/<frame>` instead of paths; `TfdsSource` (used by the pipeline) reads a
-tracklet's record by index and decodes only the sampled frames.
+tracklet's record by index and decodes only the sampled frames. Tracklets from the reader
+(`data_pipelines.get_split`) are accepted too: they are matched to their records by the first
+frame's path relative to the dataset root.
 """
 
 from __future__ import annotations
@@ -145,8 +147,50 @@ def read_split(config, data_dir: str | None = None) -> Split:
   return Split(config.dataset.name, parts["train"], parts["query"], gallery)
 
 
+def _record_refs(tracklets: Sequence[Tracklet], builder, config) -> list[tuple[str, int, int]]:
+  """(part, record, 0) of each tracklet: parsed from `read_split` references, or, for tracklets
+  read from the native layout, matched by their first frame's path relative to
+  `config.dataset.root` (or the root the builder was built from)."""
+  by_name: dict[str, tuple[str, int, int]] | None = None
+  roots = [r for r in (config.dataset.get("root", ""), builder.info.metadata.get("root", "")) if r]
+  out = []
+  for t in tracklets:
+    if t.frames[0].startswith(REF_PREFIX):
+      out.append(parse_ref(t.frames[0]))
+      continue
+    if by_name is None:
+      from data_pipelines.tfds_builders import reid  # pylint: disable=g-import-not-at-top
+
+      meta = builder.info.metadata.get("parts") or {}
+      if not all("first_frame" in meta.get(p, {}) for p in PARTS):
+        raise ValueError(
+            f"{builder.data_dir}: metadata has no first_frame lists (built by an older version): "
+            "rebuild it, or use the tracklets of tfds_builders.read_split"
+        )
+      by_name = {}
+      for p in PARTS:
+        for r, (name, n) in enumerate(zip(meta[p]["first_frame"], meta[p]["num_frames"])):
+          by_name.setdefault(name, (p, r, n))
+    hit = None
+    for root in roots:
+      hit = by_name.get(reid.relative_name(t.frames[0], root))
+      if hit:
+        break
+    if hit is None or hit[2] != t.num_frames:
+      raise ValueError(
+          f"tracklet starting at {t.frames[0]!r} ({t.num_frames} frames) is not in the TFDS "
+          f"dataset {builder.data_dir} (config.data.source='tfds'): prepare it from this root "
+          "or use the tracklets of tfds_builders.read_split"
+      )
+    out.append((hit[0], hit[1], 0))
+  return out
+
+
 class TfdsSource:
-  """Frames of `read_split` tracklets, read by record index from the ArrayRecord files.
+  """Frames of tracklets, read by record index from the ArrayRecord files.
+
+  Tracklets come from `read_split` (frame references) or from the reader on the native layout
+  the builder was prepared from (matched by their first frame's relative path).
 
   Each clip reads its tracklet's record (a `tf.numpy_function` over
   `ArrayRecordDataSource`), parses it with the frames left encoded (`SkipDecoding`) and decodes
@@ -160,7 +204,7 @@ class TfdsSource:
     builder = _prepared(config, data_dir)
     self._features = builder.info.features
     self._decoders = {"frames": tfds.decode.SkipDecoding()}
-    refs = [parse_ref(t.frames[0]) for t in tracklets]
+    refs = _record_refs(tracklets, builder, config)
     self._part = tf.constant(np.asarray([PARTS.index(p) for p, _, _ in refs], np.int64))
     self._record = tf.constant(np.asarray([r for _, r, _ in refs], np.int64))
     used = sorted({p for p, _, _ in refs})

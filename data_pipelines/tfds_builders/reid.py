@@ -54,7 +54,8 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-def _relative(path: str, root: str) -> str:
+def relative_name(path: str, root: str) -> str:
+  """`path` relative to `root` (unchanged if it is outside `root`)."""
   try:
     rel = os.path.relpath(path, root)
   except ValueError:
@@ -66,7 +67,7 @@ def _examples(tracklets: Sequence[Tracklet], root: str) -> Iterator[tuple[int, d
   for i, t in enumerate(tracklets):
     yield i, {
         "frames": list(t.frames),  # paths: tfds stores the file bytes unchanged
-        "frame_names": [_relative(p, root) for p in t.frames],
+        "frame_names": [relative_name(p, root) for p in t.frames],
         "pid": t.pid,
         "camid": t.camid,
         "num_frames": t.num_frames,
@@ -74,13 +75,18 @@ def _examples(tracklets: Sequence[Tracklet], root: str) -> Iterator[tuple[int, d
     }
 
 
-def split_metadata(split: Split) -> dict[str, Any]:
-  """{part: {"pid": [...], "camid": [...], "num_frames": [...]}} for the builder metadata."""
+def split_metadata(split: Split, root: str) -> dict[str, Any]:
+  """{part: {"pid", "camid", "num_frames", "first_frame"}} lists for the builder metadata.
+
+  `first_frame` (the first frame's path relative to `root`) lets tracklets read from the native
+  layout be matched to their records.
+  """
   return {
       part: {
           "pid": [int(t.pid) for t in split.part(part)],
           "camid": [int(t.camid) for t in split.part(part)],
           "num_frames": [int(t.num_frames) for t in split.part(part)],
+          "first_frame": [relative_name(t.frames[0], root) for t in split.part(part)],
       }
       for part in PARTS
   }
@@ -120,7 +126,8 @@ class ReidVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     split, root = self._read_split(dl_manager)
     self.info.metadata["reader"] = self.READER
     self.info.metadata["reader_kwargs"] = dict(self.builder_config.reader_kwargs)
-    self.info.metadata["parts"] = split_metadata(split)
+    self.info.metadata["parts"] = split_metadata(split, root)
+    self.info.metadata["root"] = root
     return {part: _examples(split.part(part), root) for part in PARTS}
 
   def _generate_examples(self, *args, **kwargs):  # Split generators return generators directly.
