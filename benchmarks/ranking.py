@@ -1,6 +1,7 @@
 """Ranking benchmark at MARS size: `stmn_jax.evaluation.rank` vs the per-query NumPy loop.
 
-    python -m benchmarks.ranking [--queries=1980 --gallery=11310 --dim=2048 --repeats=5 --ap=matlab --junk=0]
+    python -m benchmarks.ranking [--queries=1980 --gallery=11310 --dim=2048 --repeats=5]
+                                 [--ap=noninterp|matlab --junk=0 --chunk_size=2048]
 
 Synthetic features with MARS-like structure (official protocol): 634 identities plus a pid-0
 distractor group (3,248 tracklets) in the gallery over 6 cameras, ~12.7 tracklets per identity,
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
   p.add_argument("--junk", type=int, default=0, help="pid -1 gallery items")
   p.add_argument("--cams", type=int, default=6)
   p.add_argument("--ap", default="noninterp", choices=("noninterp", "matlab"))
-  p.add_argument("--chunk_size", type=int, default=256)
+  p.add_argument("--chunk_size", type=int, default=2048)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)

@@ -10,8 +10,9 @@ Protocol (docs: ../shared/docs/datasets-and-evaluation.md section 2), for every 
 
 `rank` never sorts a gallery row. For a query, the 0-based position of a true match m is the
 number of valid gallery items that come before it: distance strictly smaller, or equal with a
-lower gallery index. That count is one fused compare-and-sum over the row per true match
-(O(G x matches) per query, no sort), run in JAX over chunks of queries. From the sorted
+lower gallery index. That count is one compare-and-sum over the row per true match
+(O(G x matches) per query, no sort), run in a jitted JAX kernel over chunks of (query, true
+match) pairs, minus the removed items before the match (a few per query). From the sorted
 positions r_1 < ... < r_n of the n true matches (0-based, hits counted from k = 1):
 - CMC@j (1-based) = [r_1 < j];
 - AP "noninterp" (every Python port) = mean_k k / (r_k + 1);
@@ -166,8 +167,8 @@ def _match_positions(
 ) -> jax.Array:
   """0-based position of each (query, true match) pair among the query's valid gallery items.
 
-  distmat (Q, G); junk (G,) bool marks pid -1 columns (used when has_junk); pair_q, pair_g (P,) query row and gallery column of a
-  true match; pair_removed (P, S) the query's same-pid same-camera gallery columns, the first
+  distmat (Q, G); junk (G,) bool marks pid -1 columns (used when has_junk); pair_q, pair_g
+  (P,) query row and gallery column of a true match; pair_removed (P, S) the query's same-pid same-camera gallery columns, the first
   pair_num_removed (P,) real -> (P,) int32. Position = number of items before the match
   (smaller distance, or equal and lower column) minus the removed items among them. P must be
   a multiple of rows_per_step; rows are processed rows_per_step at a time (lax.map), so the
@@ -233,14 +234,17 @@ def rank(
   "num_valid_queries", "num_queries_without_match"}.
 
   The work unit is a (query, true match) pair: a jitted kernel counts, for `chunk_size` pairs
-  per call (rounded up to a multiple of 16; the last call padded, so one shape is compiled), the gallery items that come before
-  each match, 16 rows at a time; memory beyond the distance matrix is O(chunk_size + 16 x G).
-  pid -1 items are set to NaN in those 16-row blocks (NaN never compares true, so they never
-  come before a match). The metrics are then computed in float64 from the positions. Raises ValueError on
-  NaN distances or when no query has a true match.
+  per call (rounded up to a multiple of 16; the last call padded, so one shape is compiled),
+  the gallery items that come before each match, 16 pairs at a time; memory beyond the
+  distance matrix is O(chunk_size + 16 x G). pid -1 items are set to NaN in those 16-row
+  blocks (NaN never compares true, so they never come before a match). The metrics are then
+  computed in float64 from the positions. distmat may be NumPy or a jax.Array; +-inf is
+  allowed. Raises ValueError on NaN distances or when no query has a true match.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size = {chunk_size}: expected >= 1")
+  if not isinstance(distmat, jax.Array):
+    distmat = np.asarray(distmat)
   ids = _check_rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap)
   num_q, num_g = distmat.shape
   match_idx, counts, removed_idx, num_removed = _same_pid_items(
