@@ -4,8 +4,12 @@ Train: for each step, `sampling.train_batch` picks the P x K tracklets and their
 (a pure function of `(config.seed, step)`); this host takes its rows of the global batch; only
 those frames are read and decoded (uint8) in a parallel `map`, and each batch is then flipped,
 normalised and erased in one fused XLA function (seeds from `(seed, step, row in the global
-batch)`, so the batches do not depend on the number of hosts). Eval: `sampling.eval_plan` lists every clip, padded to whole global batches and
-split over hosts; padding rows are zeros with `mask=False` and `tracklet_index=-1`.
+batch)`, so the batches do not depend on the number of hosts).
+
+Eval: `sampling.eval_plan` lists every clip, padded to whole global batches and split over
+hosts; padding rows are zeros with `mask=False` and `tracklet_index=-1`.
+
+`config.data.shuffle_buffer` is not used: the order is fully given by the sampling plan.
 
 Frames come from the reader's file paths (`config.data.source == "files"`) or from a prepared
 TFDS ArrayRecord builder (`"tfds"`, see `data_pipelines/tfds_builders`).
