@@ -130,3 +130,15 @@ def test_rank_errors():
     evaluation.rank(bad, *ok)
   with pytest.raises(ValueError, match="integer"):
     evaluation.rank(distmat, [1.5, 2.0], [1, 2, 3], [0, 0], [1, 1, 1])
+
+
+def test_rank_accepts_a_sharded_jax_distmat():
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(6)
+  distmat, *ids = random_case(rng, 24, 60)
+  mesh = jax.make_mesh((4,), ("data",))
+  sharded = jax.device_put(distmat, NamedSharding(mesh, P("data")))
+  assert_same(evaluation.rank(sharded, *ids, chunk_size=32), evaluation.rank_reference(
+      distmat, *ids))
