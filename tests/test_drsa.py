@@ -105,6 +105,16 @@ def test_per_part_hidden_layers_are_independent():
   np.testing.assert_allclose(after[..., 1:], before[..., 1:], rtol=1e-6)
 
 
+def test_paper_variant_starts_near_uniform_but_not_identical():
+  att = drsa.SpatialAttention(256, 6, 64, rngs=nnx.Rngs(0))
+  x = jnp.abs(jnp.asarray(np.random.default_rng(8).normal(size=(4, 4, 2, 256)), jnp.float32))
+  logits = np.asarray(att(x))
+  assert logits.std() < 0.5  # kaiming fan-out here would give ~10: one-hot maps at init
+  maps = np.asarray(drsa.spatial_softmax(jnp.asarray(logits)))
+  np.testing.assert_allclose(maps, 1.0 / 8.0, atol=0.05)
+  assert np.abs(maps - maps[:, :1]).max() > 1e-4  # the parts differ
+
+
 def test_shared_hidden_with_batchnorm_variant():
   att = drsa.SpatialAttention(8, 3, 4, shared_hidden=True, use_bn=True, rngs=nnx.Rngs(0))
   assert att.conv1.kernel.shape == (1, 1, 8, 4) and att.conv1.bias is None
@@ -186,7 +196,7 @@ def test_gradients_reach_the_attention_parameters(model_and_frames):
     return (losses.cross_entropy(out["seq_logits"], labels)
             + losses.diversity_regularizer(out["part_attention"]))
 
-  grads = nnx.grad(loss_fn)(model)
+  grads = nnx.jit(nnx.grad(loss_fn))(model)
   model.eval()
   for name, g in (("spatial.conv1", grads.spatial.conv1.kernel),
                   ("spatial.conv2", grads.spatial.conv2.kernel),

@@ -23,6 +23,11 @@ There is no full official code (two open-reid snippets only). Choices, all in `c
   weight per identity, scale 30 as open-reid's OIM). `classifier="linear"`: a plain linear layer.
 - The paper's temporal attention details are unverified: here a per-part linear score
   w_{t,k}^T x_{n,k} + b_{t,k} on the reduced part vectors, softmax over frames.
+- Init: the snippet draws linear weights from N(0, 0.001). The part reduction (followed by an L2
+  norm) and the cosine classifier are scale invariant, and Adam moves every weight by about the
+  learning rate per step, so such tiny weights would change direction completely at every step;
+  they use fan-in scaled normals instead. The temporal scores and the linear classifier keep
+  N(0, 0.001).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from stmn_jax.models import resnet
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 _BN_EPS = 1e-5
 _kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_kaiming_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 _small_normal = nnx.initializers.normal(0.001)
 
 
@@ -100,12 +106,18 @@ class SpatialAttention(nnx.Module):
   ):
     width = hidden if shared_hidden else hidden * num_parts
     groups = 1 if shared_hidden else num_parts
+    # With BatchNorm: the snippet's init (kaiming fan-out). Without it the logits would start with
+    # a standard deviation of ~10 (one-hot maps); He fan-in plus a small last layer starts the
+    # maps near uniform yet different per part (exactly equal maps are a stationary point of
+    # the diversity regulariser).
+    init1 = _kaiming_fan_out if use_bn else _kaiming_fan_in
+    init2 = _kaiming_fan_out if use_bn else nnx.initializers.normal(0.01)
     self.conv1 = nnx.Conv(
-        in_features, width, (1, 1), use_bias=not use_bn, kernel_init=_kaiming_fan_out,
-        dtype=dtype, rngs=rngs)
+        in_features, width, (1, 1), use_bias=not use_bn, kernel_init=init1, dtype=dtype,
+        rngs=rngs)
     self.conv2 = nnx.Conv(
         width, num_parts, (1, 1), feature_group_count=groups, use_bias=not use_bn,
-        kernel_init=_kaiming_fan_out, dtype=dtype, rngs=rngs)
+        kernel_init=init2, dtype=dtype, rngs=rngs)
     bn = lambda n: nnx.BatchNorm(
         n, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=dtype, rngs=rngs)
     self.bn1 = bn(width) if use_bn else None
@@ -126,7 +138,9 @@ class PartReduction(nnx.Module):
   """Per-part linear layer: (..., K, C) -> (..., K, D), weight (K, C, D), bias (K, D)."""
 
   def __init__(self, num_parts: int, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_small_normal(rngs.params(), (num_parts, in_features, out_features)))
+    init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.kernel = nnx.Param(init(rngs.params(), (num_parts, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((num_parts, out_features)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,7 +162,8 @@ class CosineClassifier(nnx.Module):
   """logits = scale * cos(x, w_c): (B, D) -> (B, C); OIM-like logits with learned prototypes."""
 
   def __init__(self, in_features: int, num_classes: int, scale: float, *, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_small_normal(rngs.params(), (in_features, num_classes)))
+    init = nnx.initializers.normal(in_features ** -0.5)  # columns of norm ~1
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, num_classes)))
     self.scale = scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
