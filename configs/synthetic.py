@@ -66,13 +66,13 @@ def _main_job(config):
   config.data.num_tracklets_per_id = 4
   config.data.eval_batch_size = 64
   config.optim.learning_rate = 1e-3
-  config.optim.num_epochs = 60
-  config.optim.decay_every_epochs = 40
+  config.optim.num_epochs = 30
+  config.optim.decay_every_epochs = 20
   config.dataset.num_val_ids = 8
   config.dataset.num_val_queries = 40
   config.train.log_every_steps = 20
   config.train.checkpoint_every_steps = 100
-  config.train.eval_every_epochs = 20
+  config.train.eval_every_epochs = 10
 
 
 def _dataset_and_main_job(config):

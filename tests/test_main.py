@@ -85,16 +85,23 @@ def test_bad_inputs_fail_before_work(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run_end_to_end_then_eval_mode(tmp_path):
+  """Smoke config: 8 synthetic ids (2 held out for validation), 8 steps on 4 fake devices."""
   workdir = str(tmp_path / "work")
   common = ["--config=configs/synthetic.py:smoke",
             f"--config.dataset.root={tmp_path / 'data'}", f"--workdir={workdir}"]
   proc = _main(*common)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Test results (final (step 8))" in proc.stdout
-  assert "R1" in proc.stdout and "mAP" in proc.stdout
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["step"] == 8 and results["total_steps"] == 8
+  assert results["selection"] == "val" and results["num_classes"] == 6
+  # Validation after each of the 2 epochs; the test run uses the best of them.
+  assert [h["step"] for h in results["history"]] == [4, 8]
+  best_step = max(results["history"], key=lambda h: h["val"]["mAP"])["step"]
+  assert results["test_checkpoint"] == f"best by val mAP (step {best_step})"
+  assert os.listdir(os.path.join(workdir, "best")) == [str(best_step)]
+  assert f"Test results ({results['test_checkpoint']})" in proc.stdout
+  assert "R1" in proc.stdout and "mAP" in proc.stdout
   assert 0.0 < results["test"]["mAP"] <= 1.0
   assert results["test"]["num_valid_queries"] > 0
   # Loss falls: the mean of the last logged losses is below the first logged loss.
@@ -104,10 +111,10 @@ def test_smoke_run_end_to_end_then_eval_mode(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
 
-  # --mode=eval restores the (latest, no validation split) checkpoint: same numbers.
+  # --mode=eval restores the best checkpoint: the same numbers as the training run's test.
   proc = _main(*common, "--mode=eval")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Test results (latest checkpoint (step 8))" in proc.stdout
+  assert f"Test results (best checkpoint (step {best_step}))" in proc.stdout
   with open(os.path.join(workdir, "results.json")) as f:
     again = json.load(f)
   np.testing.assert_allclose(again["test"]["mAP"], results["test"]["mAP"], atol=1e-6)
