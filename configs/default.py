@@ -141,7 +141,10 @@ def _drsa_defaults(config: ml_collections.ConfigDict) -> None:
   # The paper trains with OIM; here CE on scaled cosine logits ("cosine") or a plain "linear" head.
   config.model.drsa.classifier = "cosine"
   config.model.drsa.logit_scale = 30.0  # OIM's scalar in open-reid
-  config.loss.diversity_weight = 1.0
+  config.loss.diversity_weight = 1.0  # the paper's coefficient is unverified; the snippet uses 1
+  # "paper": mean over frames of ||sqrt(S) sqrt(S)^T - I||_F^2; "code": the snippet's
+  # sqrt(sum over the batch + 1e-5).
+  config.loss.diversity_reduction = "paper"
 
 
 def _sta_defaults(config: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,8 @@ per-part linear layer reduces to `part_dim` channels and L2-normalises. A per-pa
 attention scores each frame's part vector and takes a softmax over the L frames; the weighted
 sums are concatenated into the sequence embedding (K * part_dim). The diversity regulariser on the
 spatial maps (Hellinger-based, `stmn_jax.losses.diversity_regularizer`) is added by `total_loss`
-because the outputs carry `part_attention`.
+because the outputs carry `part_attention` (weight `config.loss.diversity_weight`, unverified;
+`config.loss.diversity_reduction`: "paper" mean over frames, or the snippet's "code" form).
 
 There is no full official code (two open-reid snippets only). Choices, all in `config.model.drsa`:
 - `shared_hidden=False` (paper): each part k has its own hidden layer, e = w'_k^T ReLU(W_k x + b_k)
