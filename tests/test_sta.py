@@ -171,3 +171,21 @@ def test_all_frames_pass_equals_one_clip_of_all_frames(model_and_frames):
       model.embed_all_frames(np.asarray(tracklet), chunk=2)
   finally:
     model.eval()
+
+
+def test_interframe_gradient_reaches_the_backbone(model_and_frames):
+  # The attention has no parameters: the regulariser trains the backbone through g.
+  model, frames = model_and_frames
+  model.train()
+
+  def loss_fn(m):
+    return losses.interframe_regularizer(m(frames)["spatial_scores"], jax.random.key(0))
+
+  try:
+    grads = nnx.jit(nnx.grad(loss_fn))(model)
+  finally:
+    model.eval()
+  stage = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads.stage)])
+  assert np.all(np.isfinite(stage)) and np.abs(stage).max() > 0
+  head = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads.reduce)])
+  np.testing.assert_array_equal(head, 0.0)  # the head does not touch g
