@@ -18,9 +18,11 @@ from ml_collections import config_flags
 from stmn_jax import models
 from stmn_jax.models import memory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<dataset>.py[:words]).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<dataset>.py[:words]).")
 _NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", 625, "Training identities C (MARS: 625; 500 with the 125-id validation hold-out).")
+    "num_classes", 625,
+    "Training identities C (MARS: 625; 500 with the 125-id validation hold-out).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 

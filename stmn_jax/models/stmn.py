@@ -56,7 +56,8 @@ def _dtype(name: Any) -> Any:
   try:
     return jnp.dtype(name)
   except TypeError as e:
-    raise ValueError(f"config.model.dtype: expected a dtype name like 'float32', got {name!r}") from e
+    raise ValueError(
+        f"config.model.dtype: expected a dtype name like 'float32', got {name!r}") from e
 
 
 def _gap(x: jax.Array) -> jax.Array:
