@@ -28,7 +28,11 @@ There is no full official code (two open-reid snippets only). Choices, all in `c
   norm) and the cosine classifier are scale invariant, and Adam moves every weight by about the
   learning rate per step, so such tiny weights would change direction completely at every step;
   they use fan-in scaled normals instead. The temporal scores and the linear classifier keep
-  N(0, 0.001).
+  N(0, 0.001). The attention convs use the snippet's kaiming fan-out with BatchNorm; without it
+  (paper) He fan-in and N(0, 0.01) for the last layer, so the maps start near uniform.
+- The triplet loss takes `seq_feats`, the same vector as the embedding.
+- At 64x32 (smoke) the last-stride-2 map is 2x1: K=6 maps over 2 locations cannot be diverse, so
+  the diversity term stays near its maximum K(K-1) there; it is meant for 8x4 maps or larger.
 """
 
 from __future__ import annotations
