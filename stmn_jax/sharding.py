@@ -18,7 +18,6 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
