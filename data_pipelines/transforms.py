@@ -178,7 +178,9 @@ def augment_params(seed: tf.Tensor, num_frames: int, height: int, width: int,
 
 def _finish(frames, flip, boxes, valid, mean, std):
   """The fused per-batch step; see `finish_batch`."""
-  height, width = frames.shape[2], frames.shape[3]
+  # Dynamic shapes: with reduce_retracing, a second batch size retraces with unknown dims.
+  shape = tf.shape(frames)
+  height, width = shape[2], shape[3]
   x = tf.cast(frames, tf.float32)
   x = tf.where(flip[:, None, None, None, None], tf.reverse(x, axis=[3]), x)
   x = (x * (1.0 / 255.0) - mean) / std
