@@ -294,14 +294,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def load_data(config: ml_collections.ConfigDict, split=None):
   """(train_split, selection_split or None, test split, selection label).
 
-  `split` defaults to `data_pipelines.get_split(config.dataset)`. Validation ids are held out
+  `split` defaults to `data_pipelines.split_from_config(config)` (native files or TFDS). Validation ids are held out
   of the training ids when `config.dataset.num_val_ids > 0`.
   """
   import data_pipelines  # pylint: disable=g-import-not-at-top
   from data_pipelines import tracklets as tracklets_lib  # pylint: disable=g-import-not-at-top
 
   if split is None:
-    split = data_pipelines.get_split(config.dataset)
+    split = data_pipelines.split_from_config(config)
   train_split, val_split = split, None
   if config.dataset.num_val_ids > 0:
     train_split, val_split = tracklets_lib.holdout_validation(

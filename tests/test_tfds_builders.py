@@ -177,3 +177,20 @@ def test_synthetic_builder_renders_then_stores(tmp_path):
   assert split.num_train_pids == 4
   for part in ("train", "query", "gallery"):
     assert builder.info.splits[part].num_examples == len(split.part(part)) > 0
+
+
+def test_split_from_tfds_needs_no_native_layout(built):
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+
+  config, _ = built
+  config = config.copy_and_resolve_references()
+  config.dataset.root = "/nonexistent/native/layout"
+  split = data_pipelines.split_from_config(config)
+  assert split.summary() == tfds_builders.read_split(config).summary()
+  assert all(f.startswith("tfds:") for t in split.query for f in t.frames)
+  config.data.source = "files"
+  with pytest.raises(readers.DatasetError, match="/nonexistent/native/layout"):
+    data_pipelines.split_from_config(config)
+  config.data.source = "gcs"
+  with pytest.raises(ValueError, match="config.data.source"):
+    data_pipelines.split_from_config(config)
