@@ -41,7 +41,11 @@ def maybe_initialize_distributed(
         "multi-process run needs all of coordinator address, number of processes and process "
         f"id (got address={address!r}, num_processes={count}, process_id={pid})"
     )
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+  # Must not touch the backend before `initialize` (no `jax.default_backend()` here). Cross-
+  # process collectives between CPU devices need gloo; on TPU / GPU hosts the setting only
+  # concerns the (unused) CPU client, so it is set whenever CPU is a possible platform.
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if not platforms or "cpu" in platforms.split(","):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
   return True
