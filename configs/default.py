@@ -116,7 +116,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()
-  config.eval.sampling = "all_frames"  # "rrs" or "all_frames"
+  # "all_frames": average the embeddings of every clip; "rrs": one clip per tracklet; "whole":
+  # one attention pass over all frames of a tracklet (STA only: the backbone runs on padded,
+  # masked chunks of config.model.sta.eval_chunk frames, as many frames per batch as a clip
+  # batch of eval_batch_size x seq_len; other models raise an error).
+  config.eval.sampling = "all_frames"
   config.eval.clips = "interleaved"  # all-frames clips: "interleaved" (STMN) or "consecutive"
   config.eval.flip = True  # average clip embeddings with their horizontal flip (STMN test)
   config.eval.distance = "cosine"  # or "euclidean"

@@ -220,6 +220,171 @@ def make_embed_fn(state: TrainState, mesh: Mesh, flip: bool) -> Callable:
   )
 
 
+# ------------------------------------------------------------------------------ whole tracklets
+EVAL_SAMPLINGS = ("rrs", "all_frames", "whole")
+
+
+def supports_whole_tracklet(model: nnx.Module) -> bool:
+  """True for models with a one-pass whole-tracklet embedding (`chunk_summary`, STA)."""
+  return all(callable(getattr(model, name, None))
+             for name in ("chunk_summary", "embed_summary")) and hasattr(model, "eval_chunk")
+
+
+def check_whole_tracklet(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
+  """Raises a ValueError naming the model when it has no whole-tracklet embedding."""
+  if not supports_whole_tracklet(model):
+    raise ValueError(
+        f"config.eval.sampling='whole' needs a model with a whole-tracklet embedding (STA); "
+        f"config.model.name={config.model.name!r} ({type(model).__name__}) has none: use "
+        f"'all_frames' or 'rrs'")
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeTrackletFns:
+  """Jitted pieces of `config.eval.sampling = "whole"` (see `make_whole_tracklet_fns`).
+
+  `summarize(model_state, frames (B, chunk, H, W, 3), mask (B, chunk)) -> tuple of
+  StripeSummary (B, K, C)` (one per view: the frames, then their mirror when flipping);
+  `embed(model_state, summary (rows, K, C)) -> (rows, D)`. `chunk` frames per row, `rows` rows
+  per global batch.
+  """
+
+  summarize: Callable
+  embed: Callable
+  chunk: int
+  rows: int
+
+
+def whole_tracklet_rows(config: ml_collections.ConfigDict, chunk: int, num_devices: int) -> int:
+  """Chunks per global eval batch: as many frames as a clip batch (eval_batch_size x seq_len),
+  rounded down to a multiple of the devices (at least one chunk per device)."""
+  frames = int(config.data.eval_batch_size) * int(config.data.seq_len)
+  return max(1, frames // chunk // num_devices) * num_devices
+
+
+def make_whole_tracklet_fns(
+    state: TrainState, config: ml_collections.ConfigDict, mesh: Mesh
+) -> WholeTrackletFns:
+  """Compiled-once functions of the whole-tracklet evaluation; checks the model supports it.
+
+  The chunk size is the model's `eval_chunk` (STA: `config.model.sta.eval_chunk`).
+  """
+  model = state.model()
+  check_whole_tracklet(config, model)
+  chunk = int(model.eval_chunk)
+  if chunk < 1:
+    raise ValueError(f"config.model.{config.model.name}.eval_chunk = {chunk}: expected >= 1")
+  model_def, flip = state.model_def_eval, bool(config.eval.flip)
+
+  def summarize(model_state, frames, mask):
+    m = nnx.merge(model_def, model_state)
+    out = (m.chunk_summary(frames, mask),)
+    if flip:
+      out += (m.chunk_summary(jnp.flip(frames, axis=3), mask),)
+    return out
+
+  def embed(model_state, summary):
+    return nnx.merge(model_def, model_state).embed_summary(summary)
+
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return WholeTrackletFns(
+      summarize=jax.jit(summarize, in_shardings=(rep, dat, dat), out_shardings=dat),
+      embed=jax.jit(embed, in_shardings=(rep, rep), out_shardings=rep),
+      chunk=chunk,
+      rows=whole_tracklet_rows(config, chunk, mesh.size),
+  )
+
+
+def _global_rows(x: Any) -> np.ndarray:
+  """A host-local or global batch array -> NumPy rows of the global batch (process order)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  if isinstance(x, jax.Array) and x.is_fully_addressable:
+    return np.asarray(x)
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def whole_tracklet_features(
+    state: TrainState,
+    fns: WholeTrackletFns,
+    tracklets: Sequence[Any],
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> np.ndarray:
+  """One attention pass over all frames of each tracklet -> (T, D) float32.
+
+  Every tracklet is cut into consecutive chunks of `fns.chunk` frames (the last one padded and
+  its padding masked); each chunk is reduced on device to a `StripeSummary` of fixed size; the
+  chunks of a tracklet are merged on the host in time order and, once all are in, the
+  tracklet is embedded in fixed-size batches. Host memory: O(chunks in flight + T x D), whatever
+  the tracklet lengths. With `config.eval.flip` the embedding is the mean of both views'.
+  """
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  from stmn_jax.models import sta  # pylint: disable=g-import-not-at-top
+
+  chunk, num = fns.chunk, len(tracklets)
+  sub = config.copy_and_resolve_references()
+  sub.data.seq_len = chunk
+  sub.data.eval_batch_size = fns.rows
+  batches = pipeline.eval_iterator(tracklets, sub, sampling="all_frames", clips="consecutive")
+  plan = batches.plan
+  # consecutive clips repeat the last frame: a position is real iff it continues the run
+  frame_mask = (plan.frames == plan.frames[:, :1] + np.arange(chunk)) & plan.mask[:, None]
+  local_mask = frame_mask[plan.host_rows(jax.process_index())].reshape(
+      plan.num_batches, plan.local_batch, chunk)
+  expected = np.bincount(plan.tracklet[plan.mask], minlength=num)
+  seen = np.zeros(num, np.int64)
+  open_: dict[int, tuple] = {}
+  done: list[tuple[int, tuple]] = []
+  feats = np.zeros((num, 0), np.float32)
+  head_rows = fns.rows
+
+  def flush(final: bool) -> None:
+    nonlocal feats
+    while len(done) >= head_rows or (final and done):
+      part, rest = done[:head_rows], done[head_rows:]
+      done[:] = rest
+      idx = np.asarray([t for t, _ in part])
+      embs = []
+      for view in range(len(part[0][1])):
+        stacked = [np.stack([s[view][f] for _, s in part]) for f in range(4)]
+        pad = head_rows - len(part)
+        stacked = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in stacked]
+        out = fns.embed(state.model_state, sta.StripeSummary(*stacked))
+        embs.append(np.asarray(out.addressable_data(0))[:len(part)])
+      emb = np.mean(embs, axis=0).astype(np.float32)
+      if feats.shape[1] == 0:
+        feats = np.zeros((num, emb.shape[1]), np.float32)
+      feats[idx] = emb
+
+  for i, batch in enumerate(batches):
+    g = sharding.global_batch({"frames": batch["frames"], "mask": local_mask[i]}, mesh)
+    views = jax.tree.map(_global_rows, fns.summarize(state.model_state, g["frames"], g["mask"]))
+    index = _global_rows(np.asarray(batch["tracklet_index"]))
+    valid = _global_rows(np.asarray(batch["mask"]).astype(bool))
+    for r in np.flatnonzero(valid):
+      t = int(index[r])
+      row = tuple(sta.StripeSummary(*(np.asarray(a[r]) for a in v)) for v in views)
+      if t in open_:
+        row = tuple(sta.merge_summaries(a, b, xp=np) for a, b in zip(open_[t], row))
+      seen[t] += 1
+      if seen[t] == expected[t]:
+        open_.pop(t, None)
+        done.append((t, row))
+      else:
+        open_[t] = row
+    flush(final=False)
+  flush(final=True)
+  missing = np.flatnonzero(seen != expected)
+  if open_ or missing.size or (num and feats.shape[1] == 0):
+    raise RuntimeError(
+        f"whole-tracklet evaluation: tracklets {missing[:5].tolist()} got {seen[missing[:5]]} "
+        f"of {expected[missing[:5]]} chunks")
+  return feats
+
+
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_tracklets(
     state: TrainState,
@@ -231,26 +396,35 @@ def evaluate_tracklets(
 ) -> dict:
   """Embeds query + gallery tracklets (each distinct tracklet once) and ranks them.
 
-  Returns `evaluation.evaluate(...)`'s dict (CMC ranks, mAP, ...).
+  `config.eval.sampling`: "rrs" / "all_frames" average clip embeddings (`embed_fn` from
+  `make_embed_fn`); "whole" runs one attention pass over every frame of a tracklet
+  (`whole_tracklet_features`; `embed_fn` is then a `WholeTrackletFns`, models with
+  `chunk_summary` only). Returns `evaluation.evaluate(...)`'s dict (CMC ranks, mAP, ...).
   """
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
   from data_pipelines import tracklets as tracklets_lib  # pylint: disable=g-import-not-at-top
   from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
 
-  embed_fn = embed_fn or make_embed_fn(state, mesh, config.eval.flip)
+  check_eval_sampling(config)
   unique: dict[Any, int] = {}
   for t in list(query) + list(gallery):
     unique.setdefault(t, len(unique))
   tracklets = list(unique)
-  batches = pipeline.eval_iterator(
-      tracklets, config, sampling=config.eval.sampling, clips=config.eval.clips
-  )
+  if config.eval.sampling == "whole":
+    fns = embed_fn if isinstance(embed_fn, WholeTrackletFns) else make_whole_tracklet_fns(
+        state, config, mesh)
+    feats = whole_tracklet_features(state, fns, tracklets, config, mesh)
+  else:
+    embed_fn = embed_fn or make_embed_fn(state, mesh, config.eval.flip)
+    batches = pipeline.eval_iterator(
+        tracklets, config, sampling=config.eval.sampling, clips=config.eval.clips
+    )
 
-  def global_embed(frames):  # host-local frames -> global (B, D); extract_features gathers
-    frames = sharding.global_batch({"frames": frames}, mesh)["frames"]
-    return embed_fn(state.model_state, frames)
+    def global_embed(frames):  # host-local frames -> global (B, D); extract_features gathers
+      frames = sharding.global_batch({"frames": frames}, mesh)["frames"]
+      return embed_fn(state.model_state, frames)
 
-  feats = np.asarray(evaluation.extract_features(global_embed, batches, len(tracklets)))
+    feats = np.asarray(evaluation.extract_features(global_embed, batches, len(tracklets)))
   q_idx = np.asarray([unique[t] for t in query])
   g_idx = np.asarray([unique[t] for t in gallery])
   q, g = tracklets_lib.arrays(query), tracklets_lib.arrays(gallery)
@@ -275,8 +449,15 @@ def num_steps_per_epoch(config: ml_collections.ConfigDict, num_train_ids: int) -
   return max(1, int(pipeline.steps_per_epoch(num_train_ids, config)))
 
 
+def check_eval_sampling(config: ml_collections.ConfigDict) -> None:
+  if config.eval.sampling not in EVAL_SAMPLINGS:
+    raise ValueError(
+        f"config.eval.sampling = {config.eval.sampling!r}: expected one of {EVAL_SAMPLINGS}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Training fields checked before any work starts."""
+  check_eval_sampling(config)
   t = config.train
   if t.select_on not in ("val", "test"):
     raise ValueError(f"config.train.select_on = {t.select_on!r}: expected 'val' or 'test'")
@@ -405,7 +586,10 @@ def train_and_evaluate(
     logging.info("resumed from %s at step %d", ckpt.latest_dir, state.step)
   start_step = state.step
   step_fn = make_train_step(state, config, mesh, lr_fn, loss_fn)
-  embed_fn = make_embed_fn(state, mesh, config.eval.flip)
+  if config.eval.sampling == "whole":  # fails here, before training, for a model without it
+    embed_fn = make_whole_tracklet_fns(state, config, mesh)
+  else:
+    embed_fn = make_embed_fn(state, mesh, config.eval.flip)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0

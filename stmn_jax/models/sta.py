@@ -25,11 +25,14 @@ No official code exists. Choices, all in `config.model.sta` / `config.loss`:
 Test time: the attention normalises over any number of frames, so `embed_all_frames` runs the
 backbone over a whole tracklet in chunks of `eval_chunk` frames (bounded memory) and fuses all T
 frames in one pass. Averaging the embeddings of L-frame clips goes through the normal `__call__`.
+The engine's `config.eval.sampling = "whole"` does the same jitted and masked: `chunk_summary`
+reduces each fixed-size chunk (padding masked out) to a `StripeSummary` whose size does not grow
+with the tracklet, `merge_summaries` joins a tracklet's chunks, `embed_summary` fuses and embeds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,21 +86,77 @@ def stripe_vectors(features: jax.Array, num_stripes: int) -> jax.Array:
   return jnp.einsum("nhc,hk->nkc", rows, m / m.sum(axis=0))
 
 
-def frame_attention(s: jax.Array) -> jax.Array:
-  """Stripe scores (B, L, K) -> S (B, L, K), normalised over frames (columns sum to 1)."""
+def frame_attention(s: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Stripe scores (B, L, K) -> S (B, L, K), normalised over frames (columns sum to 1).
+
+  `mask` (B, L) bool, False on padding frames: those get S = 0 and do not enter the sum.
+  """
+  if mask is not None:
+    s = jnp.where(mask[..., None], s, 0.0)
   return s / jnp.maximum(jnp.sum(s, axis=1, keepdims=True), _EPS)
 
 
-def fuse(v: jax.Array, attention: jax.Array) -> jax.Array:
+def fuse(v: jax.Array, attention: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Stripe vectors (B, L, K, C), S (B, L, K) -> (B, 2C).
 
   f1_k = v of the frame with the highest S for stripe k, f2_k = sum_n S(n, k) v_{n,k};
-  [f1, f2] concatenated along channels and averaged over the K stripes.
+  [f1, f2] concatenated along channels and averaged over the K stripes. `mask` (B, L) keeps
+  padding frames out of the arg-max (their S must already be 0, see `frame_attention`).
   """
-  best = jnp.argmax(attention, axis=1)  # (B, K)
+  ranked = attention if mask is None else jnp.where(mask[..., None], attention, -jnp.inf)
+  best = jnp.argmax(ranked, axis=1)  # (B, K)
   f1 = jnp.take_along_axis(v, best[:, None, :, None], axis=1)[:, 0]
   f2 = jnp.einsum("blk,blkc->bkc", attention, v)
   return jnp.mean(jnp.concatenate([f1, f2], axis=-1), axis=1)
+
+
+class StripeSummary(NamedTuple):
+  """What `fuse` needs from a run of frames, of a size that does not grow with the run.
+
+  `weighted` (..., K, C) = sum_n s_{n,k} v_{n,k}; `total` (..., K) = sum_n s_{n,k};
+  `best_score` (..., K) = max_n s_{n,k} (-inf for no frame); `best_vector` (..., K, C) = the v of
+  the first frame reaching it. Normalising s over frames divides every score of a stripe by the
+  same positive number, so the arg-max is the same and f2 = weighted / total.
+  """
+
+  weighted: Any
+  total: Any
+  best_score: Any
+  best_vector: Any
+
+
+def summarize(v: jax.Array, s: jax.Array, mask: jax.Array) -> StripeSummary:
+  """Stripe vectors (B, L, K, C), scores (B, L, K), mask (B, L) -> StripeSummary with (B, ...)."""
+  mask = mask.astype(bool)
+  s_valid = jnp.where(mask[..., None], s, 0.0)
+  ranked = jnp.where(mask[..., None], s, -jnp.inf)
+  best = jnp.argmax(ranked, axis=1)  # (B, K); first frame on ties, like `fuse`
+  return StripeSummary(
+      weighted=jnp.einsum("blk,blkc->bkc", s_valid, v),
+      total=jnp.sum(s_valid, axis=1),
+      best_score=jnp.max(ranked, axis=1),
+      best_vector=jnp.take_along_axis(v, best[:, None, :, None], axis=1)[:, 0],
+  )
+
+
+def merge_summaries(first: StripeSummary, then: StripeSummary, xp: Any = jnp) -> StripeSummary:
+  """Summary of frames `first` followed by frames `then` (same leading shape; `xp`: jnp or np).
+
+  A later frame replaces the best only with a strictly higher score (the first arg-max wins).
+  """
+  take = then.best_score > first.best_score  # (..., K)
+  return StripeSummary(
+      weighted=first.weighted + then.weighted,
+      total=first.total + then.total,
+      best_score=xp.where(take, then.best_score, first.best_score),
+      best_vector=xp.where(take[..., None], then.best_vector, first.best_vector),
+  )
+
+
+def fuse_summary(summary: StripeSummary, xp: Any = jnp) -> Any:
+  """StripeSummary (..., K, C) -> fused (..., 2C), equal to `fuse(v, frame_attention(s))`."""
+  f2 = summary.weighted / xp.maximum(summary.total, _EPS)[..., None]
+  return xp.mean(xp.concatenate([summary.best_vector, f2], axis=-1), axis=-2)
 
 
 def _dtype(name: str) -> Any:
@@ -154,6 +213,25 @@ class STA(nnx.Module):
   def head(self, fused: jax.Array) -> jax.Array:
     """Fused (B, 2C) -> embedding (B, embed_dim) = ReLU(BN(W x))."""
     return jax.nn.relu(self.bn(self.reduce(fused)))
+
+  def chunk_summary(self, frames: jax.Array, mask: jax.Array) -> StripeSummary:
+    """Chunks of frames (B, L, H, W, 3), mask (B, L) -> StripeSummary (B, K, C) of each chunk.
+
+    Jit-friendly (fixed shapes; padding frames are masked out). `merge_summaries` joins the
+    chunks of a tracklet in time order, `embed_summary` turns the result into the embedding.
+    """
+    if frames.ndim != 5 or frames.shape[-1] != 3 or mask.shape != frames.shape[:2]:
+      raise ValueError(
+          "STA.chunk_summary: expected frames (B, L, H, W, 3) and mask (B, L), got "
+          f"{tuple(frames.shape)} and {tuple(mask.shape)}")
+    b, l = frames.shape[:2]
+    v, s, _ = self.frame_stripes(frames.reshape((b * l,) + frames.shape[2:]))
+    k = self.num_stripes
+    return summarize(v.reshape(b, l, k, -1), s.reshape(b, l, k), mask)
+
+  def embed_summary(self, summary: StripeSummary) -> jax.Array:
+    """StripeSummary of whole tracklets (B, K, C) -> embeddings (B, embed_dim)."""
+    return self.head(fuse_summary(summary))
 
   def __call__(self, frames: jax.Array) -> dict[str, jax.Array]:
     if frames.ndim != 5 or frames.shape[-1] != 3:
