@@ -24,7 +24,9 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "workdir", "", "Checkpoints, TensorBoard logs, results.json "
       "(default: workdir/<config name>[_<words>]).")
-  flags.DEFINE_string("mode", "train", "train | eval (see stmn_jax.app.MODES).")
+  flags.DEFINE_string("mode", "train", "train | eval | export | extract (stmn_jax.app.MODES).")
+  flags.DEFINE_string("export_dir", "", "--mode=export: SavedModel folder "
+                      "(default: workdir/export/saved_model).")
   flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
   flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
   flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
@@ -47,7 +49,17 @@ def main(argv) -> None:
       else DEFAULT_CONFIG
   workdir = FLAGS.workdir or stmn_app.default_workdir(config_arg)
   logging.info("workdir: %s", workdir)
-  stmn_app.run(FLAGS.config, workdir, FLAGS.mode)
+  stmn_app.run(FLAGS.config, workdir, FLAGS.mode, **mode_options(FLAGS.mode))
+
+
+def mode_options(mode: str) -> dict:
+  """The mode-specific flags given on the command line, as keyword arguments of the mode."""
+  given = {"export_dir": FLAGS.export_dir}
+  allowed = {"export": ("export_dir",)}.get(mode, ())
+  for name, value in given.items():
+    if value and name not in allowed:
+      raise app.UsageError(f"--{name} is not a flag of --mode={mode}")
+  return {name: given[name] for name in allowed if given[name]}
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> dict:
-  """Runs `mode` ("train", "eval", ...) on `config` in `workdir`; returns its summary dict."""
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **options) -> dict:
+  """Runs `mode` ("train", "eval", ...) on `config` in `workdir`; returns its summary dict.
+
+  `options` are the mode's own keyword arguments (e.g. `export_dir` for export).
+  """
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {', '.join(sorted(MODES))}")
   if _quiet_orbax not in logging.get_absl_logger().filters:
@@ -46,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices(),
   )
   logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
-  return MODES[mode](config, workdir)
+  return MODES[mode](config, workdir, **options)
 
 
 @register_mode("train")
@@ -60,8 +63,11 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 @register_mode("eval")
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Restores the best (or latest: `config.eval.checkpoint`) checkpoint, evaluates on test."""
-  from stmn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  """Restores the best (or latest: `config.eval.checkpoint`) checkpoint, evaluates on test.
+
+  Without training checkpoints, the parameters `--mode=export` wrote (`W/export/params`).
+  """
+  from stmn_jax import export  # pylint: disable=g-import-not-at-top
   from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
   from stmn_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -72,21 +78,16 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise FileNotFoundError(f"--mode=eval: workdir {workdir} does not exist (train first)")
   train_split, _, test_split, _ = train.load_data(config)
   num_classes = len({t.pid for t in train_split.train})
-  spe = train.num_steps_per_epoch(config, num_classes)
-  state, _ = train.create_train_state(config, num_classes, spe, mesh)
-  which = config.eval.checkpoint
-  with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
-    if which == "best" and ckpt.best_step() is None:
-      logging.warning("no best checkpoint in %s; using the latest", ckpt.best_dir)
-      which = "latest"
-    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
-    state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), which))
+  state, label, step = export.restore_model(config, workdir, mesh, num_classes=num_classes)
   results = train.evaluate_tracklets(state, test_split.query, test_split.gallery, config, mesh)
-  label = f"{which} checkpoint (step {step})"
   print(f"\nTest results ({label}):\n{train.format_results(results)}", flush=True)
   summary = {"mode": "eval", "test_checkpoint": label, "step": step, "test": results}
   train.write_results(workdir, summary)
   return summary
+
+
+# Modes defined in other modules register themselves on import.
+from stmn_jax import export as _export  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 
 # ------------------------------------------------------------------------------ flags helpers

@@ -1,0 +1,240 @@
+"""Export of a trained model: TensorFlow SavedModel, inference-parameter checkpoint, features.
+
+Modes (registered in `stmn_jax.app.MODES`):
+- `--mode=export`: restores the best (or latest: `config.eval.checkpoint`) training checkpoint
+  and writes
+  - `W/export/saved_model` (or `--export_dir`): a SavedModel through orbax-export whose
+    `serving_default` signature maps uint8 frames `(batch, L, H, W, 3)` (batch free) to the
+    retrieval embedding `(batch, D)` float32; normalisation (and the flip average when
+    `config.eval.flip`) happens inside;
+  - `W/export/params`: an orbax checkpoint of the eval-mode model state alone (`{"model": ...}`,
+    no optimizer), which `--mode=eval` uses when the workdir has no training checkpoint.
+- `--mode=extract`: embeddings of a split (or of a folder of frame folders) to `.npy` plus an
+  index CSV (see `extract_mode`).
+
+A checkpoint whose tree does not match the configured model (another model, other width, ...)
+is refused before orbax reads it, with the first differing keys / shapes named.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from stmn_jax import app
+from stmn_jax import sharding
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "frames"
+OUTPUT_NAME = "embedding"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+# ------------------------------------------------------------------------------ paths
+def export_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "export")
+
+
+def default_saved_model_dir(workdir: str) -> str:
+  return os.path.join(export_dir(workdir), "saved_model")
+
+
+def params_dir(workdir: str) -> str:
+  return os.path.join(export_dir(workdir), "params")
+
+
+# ------------------------------------------------------------------------------ tree checks
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{"a/b/0": shape}` of every leaf (arrays or orbax metadata with a `.shape`)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    out[key] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+  return out
+
+
+def check_tree_matches(saved: Any, target: Any, source: str) -> None:
+  """Raises a ValueError when `saved` (a checkpoint's tree metadata) does not fit `target`.
+
+  Names the first missing / unexpected keys and shape mismatches, and `source` (the path).
+  """
+  s, t = _flat_shapes(saved), _flat_shapes(target)
+  missing = sorted(set(t) - set(s))
+  extra = sorted(set(s) - set(t))
+  shapes = [(k, s[k], t[k]) for k in sorted(set(s) & set(t)) if s[k] != t[k]]
+  if not (missing or extra or shapes):
+    return
+  parts = []
+  if missing:
+    parts.append(f"{len(missing)} keys missing from the checkpoint (e.g. {missing[:3]})")
+  if extra:
+    parts.append(f"{len(extra)} keys the model does not have (e.g. {extra[:3]})")
+  if shapes:
+    k, a, b = shapes[0]
+    parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {a}, model {b})")
+  raise ValueError(
+      f"checkpoint {source} does not match the configured model "
+      f"(config.model.name / preset / depth / width): " + "; ".join(parts)
+  )
+
+
+def saved_tree_metadata(path: str) -> Any:
+  """The tree of array metadata (`.shape`, `.dtype`) of the orbax checkpoint at `path`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if tree is None or "model" not in tree:
+    raise ValueError(f"{path}: expected an orbax checkpoint holding a 'model' tree")
+  return tree
+
+
+# ------------------------------------------------------------------------------ restore
+def restore_model(
+    config: ml_collections.ConfigDict, workdir: str, mesh=None, which: str | None = None,
+    num_classes: int | None = None,
+):
+  """(TrainState with the restored model, label, step or None). Tries the best / latest training checkpoint
+  (`which` defaults to `config.eval.checkpoint`), then `W/export/params`.
+
+  Raises FileNotFoundError when there is neither; ValueError when the tree does not fit.
+  """
+  from stmn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from stmn_jax import train  # pylint: disable=g-import-not-at-top
+
+  train.check_config(config)
+  mesh = mesh or sharding.make_mesh()
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist (train first)")
+  if num_classes is None:
+    train_split, _, _, _ = train.load_data(config)
+    num_classes = len({t.pid for t in train_split.train})
+  spe = train.num_steps_per_epoch(config, num_classes)
+  state, _ = train.create_train_state(config, num_classes, spe, mesh)
+  which = which or config.eval.checkpoint
+  with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
+    if which == "best" and ckpt.best_step() is None:
+      if ckpt.latest_step() is not None:
+        logging.warning("no best checkpoint in %s; using the latest", ckpt.best_dir)
+      which = "latest"
+    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+    if step is not None:
+      directory = os.path.join(ckpt.best_dir if which == "best" else ckpt.latest_dir, str(step))
+      target = state.checkpoint_tree()
+      saved = saved_tree_metadata(os.path.join(directory, "default"))
+      check_tree_matches(saved["model"], target["model"], directory)
+      state.load_checkpoint_tree(ckpt.restore(target, which))
+      return state, f"{which} checkpoint (step {step})", step
+  if os.path.isdir(params_dir(workdir)):
+    state.model_state = load_params(params_dir(workdir), state.model_state)
+    return state, f"exported parameters {params_dir(workdir)}", None
+  raise FileNotFoundError(
+      f"no checkpoint in {workdir}/checkpoints, {workdir}/best or {params_dir(workdir)} "
+      f"(train first)"
+  )
+
+
+def save_params(path: str, model_state: Any) -> str:
+  """Writes `{"model": pure dict of model_state}` as an orbax checkpoint at `path`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {"model": nnx.to_pure_dict(model_state)}, force=True)
+  return path
+
+
+def load_params(path: str, model_state: Any) -> Any:
+  """A copy of `model_state` (nnx.State, placed) with the values of the checkpoint at `path`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  path = os.path.abspath(path)
+  target = {"model": nnx.to_pure_dict(model_state)}
+  check_tree_matches(saved_tree_metadata(path)["model"], target["model"], path)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(path, target)
+  new_state = jax.tree.map(lambda x: x, model_state)
+  nnx.replace_by_pure_dict(new_state, restored["model"])
+  return new_state
+
+
+# ------------------------------------------------------------------------------ inference fn
+def make_inference_fn(
+    model_def_eval: Any, treedef: Any, config: ml_collections.ConfigDict
+) -> Callable[[Mapping[str, jax.Array], jax.Array], jax.Array]:
+  """`(flat params {name: array}, uint8 frames (B, L, H, W, 3)) -> embedding (B, D) float32`.
+
+  Frames are scaled to [0, 1] and normalised with `config.data.mean / std` (as the eval
+  pipeline); with `config.eval.flip` the embedding averages the clip and its mirror.
+  """
+  mean = np.asarray(config.data.mean, np.float32)
+  std = np.asarray(config.data.std, np.float32)
+  flip = bool(config.eval.flip)
+
+  def fn(params: Mapping[str, jax.Array], frames: jax.Array) -> jax.Array:
+    leaves = [params[k] for k in sorted(params)]
+    state = jax.tree.unflatten(treedef, leaves)
+    model = nnx.merge(model_def_eval, state)
+    x = (frames.astype(jnp.float32) * (1.0 / 255.0) - mean) / std
+    emb = model(x)["embedding"]
+    if flip:
+      emb = 0.5 * (emb + model(jnp.flip(x, axis=3))["embedding"])
+    return emb.astype(jnp.float32)
+
+  return fn
+
+
+def flat_params(model_state: Any) -> tuple[dict[str, np.ndarray], Any]:
+  """nnx.State -> ({"p0000": array, ...} in leaf order, treedef) for `make_inference_fn`."""
+  leaves, treedef = jax.tree.flatten(model_state)
+  width = max(4, len(str(len(leaves))))
+  params = {f"p{i:0{width}d}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)}
+  return params, treedef
+
+
+def export_saved_model(state, config: ml_collections.ConfigDict, path: str) -> str:
+  """Writes the eval-mode model of `state` as a SavedModel at `path` (signature
+  `serving_default`: `frames` uint8 `(None, L, H, W, 3)` -> `embedding` float32 `(None, D)`).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from orbax.export import ExportManager, JaxModule, ServingConfig  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  L, H, W = int(d.seq_len), int(d.height), int(d.width)
+  params, treedef = flat_params(state.model_state)
+  fn = make_inference_fn(state.model_def_eval, treedef, config)
+  module = JaxModule(params, fn, trainable=False, input_polymorphic_shape="b, ...")
+  serving = ServingConfig(
+      SIGNATURE,
+      input_signature=[tf.TensorSpec([None, L, H, W, 3], tf.uint8, name=INPUT_NAME)],
+      tf_postprocessor=lambda emb: {OUTPUT_NAME: emb},
+  )
+  path = os.path.abspath(path)
+  ExportManager(module, [serving]).save(path)
+  return path
+
+
+@app.register_mode("export")
+def export_mode(
+    config: ml_collections.ConfigDict, workdir: str, export_dir: str | None = None  # pylint: disable=redefined-outer-name
+) -> dict:
+  """Restores the best / latest checkpoint; writes the SavedModel and `W/export/params`."""
+  state, label, _ = restore_model(config, workdir)
+  saved_model = export_saved_model(state, config, export_dir or default_saved_model_dir(workdir))
+  params = save_params(params_dir(workdir), state.model_state)
+  d = config.data
+  print(f"\nExported {label}:\n  SavedModel {saved_model} (uint8 frames "
+        f"(batch, {d.seq_len}, {d.height}, {d.width}, 3) -> embedding)\n  parameters {params}",
+        flush=True)
+  logging.info("exported %s to %s and %s", label, saved_model, params)
+  return {"mode": "export", "checkpoint": label, "saved_model": saved_model, "params": params}

@@ -1,0 +1,127 @@
+"""--mode=export: SavedModel reloaded with plain TensorFlow, parameter checkpoint, eval from it."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from stmn_jax import app
+from stmn_jax import checkpoints
+from stmn_jax import export
+from stmn_jax import sharding
+from stmn_jax import train
+
+
+def _config(root, preset="smoke"):
+  config = synthetic.get_config(preset)
+  config.dataset.root = str(root)
+  config.model.depth, config.model.width = 18, 0.125
+  config.data.eval_batch_size = 16
+  return config
+
+
+def _perturbed_state(config, mesh, seed):
+  """A train state whose parameters and BN statistics are moved off their init values."""
+  train_split, _, _, _ = train.load_data(config)
+  num_classes = len({t.pid for t in train_split.train})
+  state, _ = train.create_train_state(config, num_classes, 4, mesh)
+  leaves, treedef = jax.tree.flatten(state.model_state)
+  rng = np.random.RandomState(seed)
+  leaves = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+            if "var" not in str(p) else np.asarray(x) * (1.0 + 0.5 * rng.rand(*x.shape))
+            for p, x in zip(jax.tree_util.tree_flatten_with_path(state.model_state)[0], leaves)]
+  state.model_state = jax.device_put(jax.tree.unflatten(treedef, leaves),
+                                     sharding.replicated(mesh))
+  return state
+
+
+def _save(state, workdir, step):
+  with checkpoints.Checkpointer(workdir) as ckpt:
+    ckpt.save(step, state.checkpoint_tree())
+    ckpt.wait()
+
+
+def _reference(state, config, frames_u8):
+  """The eval-mode JAX model on normalised frames, averaged with the mirrored clip."""
+  x = (frames_u8.astype(np.float32) / 255.0 - np.asarray(config.data.mean, np.float32)) \
+      / np.asarray(config.data.std, np.float32)
+  model = state.model()
+  emb = np.asarray(model(x)["embedding"])
+  return 0.5 * (emb + np.asarray(model(x[:, :, :, ::-1])["embedding"]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("export")
+  config = _config(tmp / "data")
+  mesh = sharding.make_mesh()
+  state = _perturbed_state(config, mesh, 0)
+  workdir = str(tmp / "work")
+  _save(state, workdir, 3)
+  summary = app.run(config, workdir, "export")
+  return config, state, workdir, summary, tmp
+
+
+def test_saved_model_matches_jax_model(trained):
+  config, state, workdir, summary, _ = trained
+  assert summary["checkpoint"] == "latest checkpoint (step 3)"
+  path = os.path.join(workdir, "export", "saved_model")
+  assert summary["saved_model"] == path
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  loaded = tf.saved_model.load(path)
+  serve = loaded.signatures["serving_default"]
+  spec = serve.structured_input_signature[1]["frames"]
+  assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 4, 64, 32, 3]
+  rng = np.random.RandomState(1)
+  for batch in (1, 3):
+    frames = rng.randint(0, 256, (batch, 4, 64, 32, 3)).astype(np.uint8)
+    got = serve(frames=tf.constant(frames))["embedding"].numpy()
+    want = _reference(state, config, frames)
+    assert got.shape == want.shape == (batch, 64)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # The embedding depends on the input (not a constant of the parameters).
+  a = serve(frames=tf.zeros([1, 4, 64, 32, 3], tf.uint8))["embedding"].numpy()
+  b = serve(frames=tf.fill([1, 4, 64, 32, 3], tf.constant(200, tf.uint8)))["embedding"].numpy()
+  assert np.abs(a - b).max() > 1e-3
+
+
+def test_params_checkpoint_roundtrip_and_eval(trained):
+  config, state, workdir, summary, tmp = trained
+  assert summary["params"] == os.path.join(workdir, "export", "params")
+  fresh = _perturbed_state(config, sharding.make_mesh(), 7)
+  restored = export.load_params(summary["params"], fresh.model_state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.model_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A workdir holding only export/params: --mode=eval uses it, same numbers as the checkpoint.
+  only = tmp / "only_params"
+  shutil.copytree(summary["params"], only / "export" / "params")
+  from_params = app.run(config, str(only), "eval")
+  assert from_params["test_checkpoint"].startswith("exported parameters")
+  from_ckpt = app.run(config, workdir, "eval")
+  assert from_ckpt["test_checkpoint"] == "latest checkpoint (step 3)"
+  np.testing.assert_allclose(from_params["test"]["mAP"], from_ckpt["test"]["mAP"], atol=1e-6)
+  np.testing.assert_allclose(from_params["test"]["cmc"], from_ckpt["test"]["cmc"], atol=1e-6)
+
+
+def test_checkpoint_of_another_model_is_refused(trained):
+  config, _, _, summary, tmp = trained
+  base_config = _config(config.dataset.root, "baseline,smoke")
+  base = _perturbed_state(base_config, sharding.make_mesh(), 2)
+  workdir = str(tmp / "baseline_work")
+  _save(base, workdir, 1)
+  with pytest.raises(ValueError, match=r"baseline_work/checkpoints/1 does not match the "
+                     r"configured model.*keys missing from the checkpoint"):
+    app.run(config, workdir, "export")
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  # The parameter checkpoint: stmn parameters into a baseline model.
+  with pytest.raises(ValueError, match=r"export/params does not match.*keys the model does "
+                     r"not have"):
+    export.load_params(summary["params"], base.model_state)
+  # No checkpoint at all.
+  os.makedirs(tmp / "empty_work")
+  with pytest.raises(FileNotFoundError, match="train first"):
+    app.run(config, str(tmp / "empty_work"), "export")
