@@ -1,16 +1,21 @@
-"""Model speed: forward and train-step throughput of STMN and the baseline, against the GEMM rate.
+"""Model speed: forward / train-step throughput of STMN, baseline, DRSA, STA vs the GEMM rate.
 
-  python -m benchmarks.model_step [--paper-batch] [--models=stmn,baseline] [--repeats=2]
+  python -m benchmarks.model_step [--paper-batch] [--models=stmn,baseline,drsa,sta] [--repeats=2]
+      [--smoke] [--gemm-size=4096]
 
-For each model at 256x128 (config.data), batch 4 tracklets x 6 frames by default
-(`--paper-batch`: the paper's 8 ids x 4 tracklets x 6 frames, slow on a CPU):
+For each model (`--models` picks a subset to keep a run short) at the same settings: 256x128
+(config.data), batch 4 tracklets x 6 frames by default (`--paper-batch`: the paper's 8 ids x 4
+tracklets x 6 frames, slow on a CPU), each model's own loss (`losses.total_loss` of its config;
+DRSA and STA keep their own backbone stride):
 - forward (eval-mode BN, jitted) frames/s;
 - train step (total_loss + grads + Adam with coupled weight decay, model and optimizer state
   donated) seconds per step; compile times are reported apart;
 - FLOPs per frame from XLA's `cost_analysis()` of the compiled programs;
-- the machine's fp32 GEMM rate (jitted 4096^3 matmul), measured again right before each timed
-  figure, and each achieved rate as a fraction of the GEMM rate measured next to it.
-The last line printed is one JSON object with every figure.
+- the machine's fp32 GEMM rate (jitted 4096^3 matmul; `--gemm-size` for a quick check),
+  measured again right before each timed figure, and each achieved rate as a fraction of the
+  GEMM rate measured next to it.
+The last line printed is one JSON object with every figure: `<model>_<figure>` keys, plus
+`gemm_gflops`, `stmn_forward_fraction` and `stmn_train_fraction` (null when STMN is not run).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from configs import mars
+from configs import common, mars
 from stmn_jax import losses, models
+
+
+DEFAULT_MODELS = ("stmn", "baseline", "drsa", "sta")
 
 
 def _flops(compiled) -> float:
@@ -64,7 +72,8 @@ def optimizer_for(config) -> optax.GradientTransformation:
                      optax.adam(o.learning_rate, b1=o.b1, b2=o.b2))
 
 
-def bench_model(config, num_classes: int, batch: int, repeats: int) -> dict[str, Any]:
+def bench_model(config, num_classes: int, batch: int, repeats: int,
+                gemm_size: int = 4096) -> dict[str, Any]:
   """Forward and train-step figures for one config, each with the GEMM rate measured just
   before it (the machine is shared: the load changes within minutes)."""
   length, h, w = config.data.seq_len, config.data.height, config.data.width
@@ -88,7 +97,7 @@ def bench_model(config, num_classes: int, batch: int, repeats: int) -> dict[str,
   fwd_compile = time.perf_counter() - t
   fwd_flops = _flops(fwd)
   jax.block_until_ready(fwd(state, frames))
-  fwd_gemm = gemm_gflops()
+  fwd_gemm = gemm_gflops(gemm_size)
   fwd_time = _median_time(lambda: fwd(state, frames), repeats)
 
   # ------------------------------------------------------------------ train step
@@ -99,27 +108,28 @@ def bench_model(config, num_classes: int, batch: int, repeats: int) -> dict[str,
   del model, opt, state
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def train_step(train_state, frames, pid):
+  def train_step(train_state, frames, pid, key):
     model, opt = nnx.merge(graphdef, train_state)
 
-    def loss_fn(m):
-      return losses.total_loss(m(frames), {"pid": pid}, config)[0]
+    def loss_fn(m):  # `key`: STA's inter-frame regulariser draws its frame pair
+      return losses.total_loss(m(frames), {"pid": pid}, config, rng=key)[0]
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
     return nnx.state((model, opt)), loss
 
   t = time.perf_counter()
-  step = train_step.lower(train_state, frames, pid).compile()
+  key = jax.random.PRNGKey(0)
+  step = train_step.lower(train_state, frames, pid, key).compile()
   step_compile = time.perf_counter() - t
   step_flops = _flops(step)
-  train_state, loss = step(train_state, frames, pid)  # warm-up
+  train_state, loss = step(train_state, frames, pid, key)  # warm-up
   jax.block_until_ready(loss)
-  step_gemm = gemm_gflops()
+  step_gemm = gemm_gflops(gemm_size)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    train_state, loss = step(train_state, frames, pid)
+    train_state, loss = step(train_state, frames, pid, key)
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t)
   step_time = float(np.median(times))
@@ -143,24 +153,34 @@ def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--paper-batch", action="store_true",
                       help="the paper's 8 ids x 4 tracklets x 6 frames (192 frames; slow on CPU)")
-  parser.add_argument("--models", default="stmn,baseline",
-                      help="comma-separated presets of configs/common.py MODEL_PRESETS")
+  parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                      help="comma-separated presets of configs/common.py MODEL_PRESETS "
+                           f"(default {','.join(DEFAULT_MODELS)})")
   parser.add_argument("--repeats", type=int, default=2, help="timed repeats (median)")
   parser.add_argument("--num-classes", type=int, default=625)
   parser.add_argument("--smoke", action="store_true", help="tiny model and images (a check)")
+  parser.add_argument("--gemm-size", type=int, default=4096,
+                      help="n of the n^3 GEMM reference (smaller: a quicker, rougher check)")
   args = parser.parse_args(argv)
+  presets = [p.strip() for p in args.models.split(",") if p.strip()]
+  unknown = [p for p in presets if p not in common.MODEL_PRESETS]
+  if unknown or not presets:
+    parser.error(f"--models: unknown or no presets {unknown}; expected a comma-separated subset "
+                 f"of {', '.join(common.MODEL_PRESETS)}")
+  if args.gemm_size < 1 or args.repeats < 1:
+    parser.error("--gemm-size and --repeats must be >= 1")
 
-  gemm = gemm_gflops()
-  print(f"fp32 GEMM 4096^3 (jax.jit): {gemm:.1f} GFLOP/s", flush=True)
+  gemm = gemm_gflops(args.gemm_size)
+  print(f"fp32 GEMM {args.gemm_size}^3 (jax.jit): {gemm:.1f} GFLOP/s", flush=True)
   result: dict[str, Any] = {"gemm_gflops": gemm, "devices": str(jax.devices()[0].platform),
                             "device_count": jax.device_count()}
-  for preset in [p.strip() for p in args.models.split(",") if p.strip()]:
+  for preset in presets:
     config = mars.get_config(preset + (",smoke" if args.smoke else ""))
     if not args.smoke:
       config.data.seq_len = 6
     batch = (config.data.num_ids_per_batch * config.data.num_tracklets_per_id
              if args.paper_batch else 4)
-    r = bench_model(config, args.num_classes, batch, args.repeats)
+    r = bench_model(config, args.num_classes, batch, args.repeats, args.gemm_size)
     gemm = max(gemm, r["forward_gemm_gflops"], r["train_gemm_gflops"])
     print(f"{preset:>10} {r['batch']} at {config.data.height}x{config.data.width}: "
           f"forward {r['forward_frames_per_s']:.2f} frames/s "
@@ -174,6 +194,8 @@ def main(argv=None) -> dict[str, Any]:
     for k, v in r.items():
       result[f"{preset}_{k}"] = v
   result["gemm_gflops"] = gemm  # the best rate seen; each fraction uses its own neighbour
+  for key in ("stmn_forward_fraction", "stmn_train_fraction"):
+    result.setdefault(key, None)  # stable keys when STMN is not in --models
   print(json.dumps(result))
   return result
 
