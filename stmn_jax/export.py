@@ -238,3 +238,147 @@ def export_mode(
         flush=True)
   logging.info("exported %s to %s and %s", label, saved_model, params)
   return {"mode": "export", "checkpoint": label, "saved_model": saved_model, "params": params}
+
+
+# ------------------------------------------------------------------------------ extract
+INDEX_COLUMNS = ("tracklet", "pid", "camera", "num_frames", "first_frame")
+FOLDER_CSV = "tracklets.csv"
+
+
+def _read_folder_labels(path: str) -> dict[str, tuple[int, int]]:
+  """`tracklets.csv` (columns tracklet, pid, camera) -> {tracklet: (pid, camera)}."""
+  labels = {}
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    need = {"tracklet", "pid", "camera"}
+    if reader.fieldnames is None or not need <= set(reader.fieldnames):
+      raise ValueError(f"{path}: expected a header with columns tracklet, pid, camera; got "
+                       f"{reader.fieldnames}")
+    for line, row in enumerate(reader, start=2):
+      try:
+        labels[row["tracklet"]] = (int(row["pid"]), int(row["camera"]))
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} line {line}: pid and camera must be integers, got "
+                         f"{row}") from e
+  return labels
+
+
+def _check_frame(path: str) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as image:
+      image.load()
+  except Exception as e:  # PIL raises several types for bad files
+    raise ValueError(f"unreadable frame {path}: {e}") from e
+
+
+def read_folder(input_dir: str, verify: bool = True) -> tuple[list[str], list[Any]]:
+  """(names, tracklets) of `input_dir`: one sub-folder of frames (JPEG / PNG / BMP) per tracklet.
+
+  Frames are sorted by file name. An optional `input_dir/tracklets.csv` (tracklet, pid, camera)
+  gives labels; unlabelled tracklets get pid -1, camera -1. Errors name the empty folder, the
+  unreadable frame (`verify` decodes every frame) or the CSV row.
+  """
+  from data_pipelines import tracklets as tracklets_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f"--input_dir={input_dir}: not a folder")
+  csv_path = os.path.join(input_dir, FOLDER_CSV)
+  labels = _read_folder_labels(csv_path) if os.path.isfile(csv_path) else {}
+  names = sorted(n for n in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, n)))
+  if not names:
+    raise ValueError(f"--input_dir={input_dir}: no sub-folders (expected one per tracklet)")
+  unknown = sorted(set(labels) - set(names))
+  if unknown:
+    raise ValueError(f"{csv_path}: tracklets {unknown[:5]} have no folder in {input_dir}")
+  out = []
+  for name in names:
+    folder = os.path.join(input_dir, name)
+    frames = sorted(
+        os.path.join(folder, f) for f in os.listdir(folder)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+    )
+    if not frames:
+      raise ValueError(f"tracklet folder {folder} has no frames (expected "
+                       f"{', '.join(IMAGE_EXTENSIONS)} files)")
+    if verify:
+      for frame in frames:
+        _check_frame(frame)
+    pid, camid = labels.get(name, (-1, -1))
+    out.append(tracklets_lib.Tracklet(frames=tuple(frames), pid=pid, camid=camid))
+  return names, out
+
+
+def embed_tracklets(state, tracklets: Sequence[Any], config: ml_collections.ConfigDict,
+                    mesh) -> np.ndarray:
+  """(T, D) float32 tracklet embeddings through the eval pipeline (clips pooled per tracklet)."""
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from stmn_jax import train  # pylint: disable=g-import-not-at-top
+
+  embed_fn = train.make_embed_fn(state, mesh, config.eval.flip)
+  batches = pipeline.eval_iterator(
+      tracklets, config, sampling=config.eval.sampling, clips=config.eval.clips
+  )
+
+  def global_embed(frames):
+    frames = sharding.global_batch({"frames": frames}, mesh)["frames"]
+    return embed_fn(state.model_state, frames)
+
+  return np.asarray(evaluation.extract_features(global_embed, batches, len(tracklets)),
+                    np.float32)
+
+
+def write_index(path: str, names: Sequence[str], tracklets: Sequence[Any]) -> str:
+  """CSV `tracklet, pid, camera, num_frames, first_frame`, one row per embedding row."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(INDEX_COLUMNS)
+    for name, t in zip(names, tracklets):
+      writer.writerow([name, t.pid, t.camid, t.num_frames, t.frames[0]])
+  return path
+
+
+@app.register_mode("extract")
+def extract_mode(
+    config: ml_collections.ConfigDict, workdir: str, split: str | None = None,
+    input_dir: str | None = None,
+) -> dict:
+  """Embeddings of `split` (query | gallery | train of the test split; default query) or of
+  the tracklet folders of `input_dir` -> `W/features/<name>.npy` (T, D) float32 plus
+  `W/features/<name>.csv` (tracklet, pid, camera, num_frames, first_frame), same row order.
+  """
+  from stmn_jax import train  # pylint: disable=g-import-not-at-top
+
+  if split and input_dir:
+    raise ValueError("--split and --input_dir exclude each other")
+  split = split or "query"
+  if not input_dir and split not in ("query", "gallery", "train"):
+    raise ValueError(f"--split={split!r}: expected query, gallery or train")
+  mesh = sharding.make_mesh()
+  sharding.check_batch_config(config, mesh)
+  if input_dir:
+    names, tracklets = read_folder(input_dir)
+    label = os.path.basename(os.path.normpath(input_dir))
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.source = "files"
+    num_classes = None
+  else:
+    train_split, _, test_split, _ = train.load_data(config)
+    num_classes = len({t.pid for t in train_split.train})
+    tracklets = list(test_split.part(split))
+    names = [f"{split}/{i}" for i in range(len(tracklets))]
+    label = split
+  state, ckpt_label, _ = restore_model(config, workdir, mesh, num_classes=num_classes)
+  feats = embed_tracklets(state, tracklets, config, mesh)
+  out_dir = os.path.join(os.path.abspath(workdir), "features")
+  os.makedirs(out_dir, exist_ok=True)
+  npy = os.path.join(out_dir, f"{label}.npy")
+  np.save(npy, feats)
+  index = write_index(os.path.join(out_dir, f"{label}.csv"), names, tracklets)
+  print(f"\nExtracted {feats.shape[0]} embeddings ({feats.shape[1]}-d, {ckpt_label}):\n"
+        f"  {npy}\n  {index}", flush=True)
+  return {"mode": "extract", "checkpoint": ckpt_label, "embeddings": npy, "index": index,
+          "num_tracklets": int(feats.shape[0])}

@@ -129,3 +129,72 @@ def test_checkpoint_of_another_model_is_refused(trained):
   os.makedirs(tmp / "empty_work")
   with pytest.raises(FileNotFoundError, match="train first"):
     app.run(config, str(tmp / "empty_work"), "export")
+
+
+def _write_folder(root, rng):
+  """Three tracklets: 4 PNG frames, 8 JPEG frames, 1 PNG frame (64x32, the model's size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  frames = {}
+  for name, n, ext in (("a_png4", 4, "png"), ("b_jpg8", 8, "jpg"), ("c_one", 1, "png")):
+    os.makedirs(root / name)
+    frames[name] = []
+    for i in range(n):
+      pixels = rng.randint(0, 256, (64, 32, 3)).astype(np.uint8)
+      path = root / name / f"{i:03d}.{ext}"
+      Image.fromarray(pixels).save(path, quality=95)
+      frames[name].append(str(path))
+  with open(root / "tracklets.csv", "w") as f:
+    f.write("tracklet,pid,camera\na_png4,5,0\nb_jpg8,5,1\n")
+  return frames
+
+
+def _decode(paths):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return np.stack([tf.io.decode_image(tf.io.read_file(p), channels=3).numpy() for p in paths])
+
+
+def test_extract_folder_matches_jax_model(trained):
+  config, state, workdir, _, tmp = trained
+  folder = tmp / "my_tracklets"
+  paths = _write_folder(folder, np.random.RandomState(3))
+  summary = app.run(config, workdir, "extract", input_dir=str(folder))
+  feats = np.load(summary["embeddings"], allow_pickle=False)
+  assert feats.shape == (3, 64) and feats.dtype == np.float32
+  with open(summary["index"]) as f:
+    rows = [line.strip().split(",") for line in f]
+  assert rows[0] == ["tracklet", "pid", "camera", "num_frames", "first_frame"]
+  assert [r[:4] for r in rows[1:]] == [["a_png4", "5", "0", "4"], ["b_jpg8", "5", "1", "8"],
+                                       ["c_one", "-1", "-1", "1"]]
+  a, b, c = (_decode(paths[k]) for k in ("a_png4", "b_jpg8", "c_one"))
+  # All-frames interleaved clips: 4 frames -> one clip; 8 -> frames 0,2,4,6 and 1,3,5,7;
+  # one frame -> repeated L times.
+  clips = np.stack([a, b[0::2], b[1::2], np.repeat(c, 4, axis=0)])
+  ref = _reference(state, config, clips)
+  want = np.stack([ref[0], 0.5 * (ref[1] + ref[2]), ref[3]])
+  np.testing.assert_allclose(feats, want, atol=1e-4, rtol=1e-4)
+
+
+def test_extract_split_and_folder_errors(trained):
+  config, _, workdir, _, tmp = trained
+  summary = app.run(config, workdir, "extract", split="gallery")
+  feats = np.load(summary["embeddings"], allow_pickle=False)
+  _, _, test_split, _ = train.load_data(config)
+  gallery = test_split.gallery
+  assert feats.shape == (len(gallery), 64) and np.isfinite(feats).all()
+  with open(summary["index"]) as f:
+    rows = [line.strip().split(",") for line in f][1:]
+  assert [(int(r[1]), int(r[2]), int(r[3]), r[4]) for r in rows] == [
+      (t.pid, t.camid, t.num_frames, t.frames[0]) for t in gallery]
+  with pytest.raises(ValueError, match="--split='val': expected query, gallery or train"):
+    app.run(config, workdir, "extract", split="val")
+  # An empty tracklet folder, then an unreadable frame: errors name the folder / file.
+  bad = tmp / "bad_folder"
+  os.makedirs(bad / "t1")
+  with pytest.raises(ValueError, match=r"bad_folder/t1 has no frames"):
+    app.run(config, workdir, "extract", input_dir=str(bad))
+  with open(bad / "t1" / "000.jpg", "wb") as f:
+    f.write(b"not a jpeg at all")
+  with pytest.raises(ValueError, match=r"unreadable frame .*bad_folder/t1/000.jpg"):
+    app.run(config, workdir, "extract", input_dir=str(bad))
