@@ -55,7 +55,8 @@ def test_default_workdir_and_unknown_mode():
   assert app.default_workdir("configs/synthetic.py:baseline,smoke") == os.path.join(
       "workdir", "synthetic_baseline_smoke")
   assert app.default_workdir("configs/mars.py") == os.path.join("workdir", "mars")
-  with pytest.raises(ValueError, match="--mode='exprot': expected one of eval, train"):
+  with pytest.raises(ValueError,
+                     match="--mode='exprot': expected one of eval, export, extract, train"):
     app.run(synthetic.get_config("smoke"), "/tmp/unused", "exprot")
 
 
