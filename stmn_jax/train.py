@@ -202,15 +202,16 @@ def train_step(state: TrainState, step_fn: Callable, batch: Mapping[str, jax.Arr
 def make_embed_fn(state: TrainState, mesh: Mesh, flip: bool) -> Callable:
   """Jitted `(model_state, frames (B, L, H, W, 3)) -> embedding (B, D)`, eval-mode model.
 
-  With `flip`, the embedding is the mean of the clip's and its horizontal mirror's.
+  With `flip`, the embedding is the mean of the clip's and its horizontal mirror's. The
+  embedding is float32 whatever the model's compute dtype (`config.model.dtype`).
   """
   model_def = state.model_def_eval
 
   def embed(model_state, frames):
     model = nnx.merge(model_def, model_state)
-    emb = model(frames)["embedding"]
+    emb = model(frames)["embedding"].astype(jnp.float32)
     if flip:
-      emb = 0.5 * (emb + model(jnp.flip(frames, axis=3))["embedding"])
+      emb = 0.5 * (emb + model(jnp.flip(frames, axis=3))["embedding"].astype(jnp.float32))
     return emb
 
   return jax.jit(
