@@ -59,7 +59,7 @@ def run_config():
 
   config = stubs.tiny_config()
   config.optim.num_epochs, config.optim.steps_per_epoch = 1, 10
-  config.train.checkpoint_every_steps = 1000
+  config.train.checkpoint_every_steps = 2  # the run also saves (orbax, all processes) once
   config.train.log_every_steps = 1
   config.dataset.num_val_ids = 0
   config.data.erasing_prob = 0.5  # augmentation seeds must follow the global row, not the host

@@ -10,7 +10,8 @@ process) and save their parameters. The parent then runs the same loop on its ow
 Checked: both processes end with bit-identical parameters; they equal the single-process
 parameters within rtol 1e-5 / atol 1e-6 (the only difference is the order of the cross-device
 reductions), as do the per-step losses; each process read a different half of every global
-batch (rows 0-3 / 4-7, as the single process's batch); training moved the parameters.
+batch (rows 0-3 / 4-7, as the single process's batch); the run saved its step-2 checkpoint;
+training moved the parameters.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert len(ref_losses) == STEPS
   np.testing.assert_allclose(mp[0]["__losses__"], ref_losses, rtol=1e-5)
   np.testing.assert_allclose(mp[1]["__losses__"], ref_losses, rtol=1e-5)
+
+  # The multi-process run saved its step-2 checkpoint (orbax, both processes taking part).
+  assert (tmp_path / "work_mp" / "checkpoints" / "2").is_dir()
 
   # Each process read its own consecutive half of every global batch.
   half = rows["pid"].shape[1] // 2
