@@ -104,8 +104,10 @@ def restore_model(
     config: ml_collections.ConfigDict, workdir: str, mesh=None, which: str | None = None,
     num_classes: int | None = None,
 ):
-  """(TrainState with the restored model, label, step or None). Tries the best / latest training checkpoint
-  (`which` defaults to `config.eval.checkpoint`), then `W/export/params`.
+  """(TrainState with the restored model, label, step or None).
+
+  Tries the best / latest training checkpoint (`which` defaults to `config.eval.checkpoint`),
+  then `W/export/params`.
 
   Raises FileNotFoundError when there is neither; ValueError when the tree does not fit.
   """
@@ -202,31 +204,42 @@ def flat_params(model_state: Any) -> tuple[dict[str, np.ndarray], Any]:
   return params, treedef
 
 
-def export_saved_model(state, config: ml_collections.ConfigDict, path: str) -> str:
+def export_saved_model(
+    state, config: ml_collections.ConfigDict, path: str,
+    platforms: Sequence[str] = ("cpu", "cuda"),
+) -> str:
   """Writes the eval-mode model of `state` as a SavedModel at `path` (signature
-  `serving_default`: `frames` uint8 `(None, L, H, W, 3)` -> `embedding` float32 `(None, D)`).
+  `serving_default`: `frames` uint8 `(None, L, H, W, 3)` -> `embedding` float32 `(None, D)`),
+  lowered for `platforms` (the SavedModel runs only on those). Only process 0 writes.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from orbax.export import ExportManager, JaxModule, ServingConfig  # pylint: disable=g-import-not-at-top
+  from orbax.export import ExportManager  # pylint: disable=g-import-not-at-top
+  from orbax.export import JaxModule  # pylint: disable=g-import-not-at-top
+  from orbax.export import ServingConfig  # pylint: disable=g-import-not-at-top
 
   d = config.data
   L, H, W = int(d.seq_len), int(d.height), int(d.width)
   params, treedef = flat_params(state.model_state)
   fn = make_inference_fn(state.model_def_eval, treedef, config)
-  module = JaxModule(params, fn, trainable=False, input_polymorphic_shape="b, ...")
+  module = JaxModule(
+      params, fn, trainable=False, input_polymorphic_shape="b, ...",
+      jax2tf_kwargs={"native_serialization_platforms": tuple(platforms)},
+  )
   serving = ServingConfig(
       SIGNATURE,
       input_signature=[tf.TensorSpec([None, L, H, W, 3], tf.uint8, name=INPUT_NAME)],
       tf_postprocessor=lambda emb: {OUTPUT_NAME: emb},
   )
   path = os.path.abspath(path)
-  ExportManager(module, [serving]).save(path)
+  if jax.process_index() == 0:
+    ExportManager(module, [serving]).save(path)
   return path
 
 
 @app.register_mode("export")
 def export_mode(
-    config: ml_collections.ConfigDict, workdir: str, export_dir: str | None = None  # pylint: disable=redefined-outer-name
+    config: ml_collections.ConfigDict, workdir: str,
+    export_dir: str | None = None,  # pylint: disable=redefined-outer-name
 ) -> dict:
   """Restores the best / latest checkpoint; writes the SavedModel and `W/export/params`."""
   state, label, _ = restore_model(config, workdir)
@@ -374,10 +387,12 @@ def extract_mode(
   state, ckpt_label, _ = restore_model(config, workdir, mesh, num_classes=num_classes)
   feats = embed_tracklets(state, tracklets, config, mesh)
   out_dir = os.path.join(os.path.abspath(workdir), "features")
-  os.makedirs(out_dir, exist_ok=True)
   npy = os.path.join(out_dir, f"{label}.npy")
-  np.save(npy, feats)
-  index = write_index(os.path.join(out_dir, f"{label}.csv"), names, tracklets)
+  index = os.path.join(out_dir, f"{label}.csv")
+  if jax.process_index() == 0:  # every host holds the same pooled features
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(npy, feats)
+    write_index(index, names, tracklets)
   print(f"\nExtracted {feats.shape[0]} embeddings ({feats.shape[1]}-d, {ckpt_label}):\n"
         f"  {npy}\n  {index}", flush=True)
   return {"mode": "extract", "checkpoint": ckpt_label, "embeddings": npy, "index": index,
