@@ -24,12 +24,19 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "workdir", "", "Checkpoints, TensorBoard logs, results.json "
       "(default: workdir/<config name>[_<words>]).")
-  flags.DEFINE_string("mode", "train", "train | eval | export | extract (stmn_jax.app.MODES).")
+  flags.DEFINE_string("mode", "train",
+                      "train | eval | export | extract | search (stmn_jax.app.MODES).")
   flags.DEFINE_string("export_dir", "", "--mode=export: SavedModel folder "
                       "(default: workdir/export/saved_model).")
   flags.DEFINE_string("split", "", "--mode=extract: query | gallery | train (default query).")
   flags.DEFINE_string("input_dir", "", "--mode=extract: one sub-folder of frames per tracklet "
                       "(optional tracklets.csv: tracklet, pid, camera).")
+  flags.DEFINE_string("query", "", "--mode=search: one sub-folder of frames per query tracklet "
+                      "(optional tracklets.csv: tracklet, pid, camera).")
+  flags.DEFINE_string("gallery", "", "--mode=search: gallery embeddings FEATURES.npy of "
+                      "--mode=extract (its FEATURES.csv index next to it).")
+  flags.DEFINE_integer("topk", 0, "--mode=search: gallery tracklets listed per query "
+                       "(default 10).")
   flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
   flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
   flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
@@ -57,8 +64,10 @@ def main(argv) -> None:
 
 def mode_options(mode: str) -> dict:
   """The mode-specific flags given on the command line, as keyword arguments of the mode."""
-  given = {"export_dir": FLAGS.export_dir, "split": FLAGS.split, "input_dir": FLAGS.input_dir}
-  allowed = {"export": ("export_dir",), "extract": ("split", "input_dir")}.get(mode, ())
+  given = {"export_dir": FLAGS.export_dir, "split": FLAGS.split, "input_dir": FLAGS.input_dir,
+           "query": FLAGS.query, "gallery": FLAGS.gallery, "topk": FLAGS.topk}
+  allowed = {"export": ("export_dir",), "extract": ("split", "input_dir"),
+             "search": ("query", "gallery", "topk")}.get(mode, ())
   for name, value in given.items():
     if value and name not in allowed:
       raise app.UsageError(f"--{name} is not a flag of --mode={mode}")

@@ -89,6 +89,8 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # Modes defined in other modules register themselves on import.
 # pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
 from stmn_jax import export as _export
+# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
+from stmn_jax import retrieval as _retrieval
 
 
 # ------------------------------------------------------------------------------ flags helpers

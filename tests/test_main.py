@@ -56,7 +56,7 @@ def test_default_workdir_and_unknown_mode():
       "workdir", "synthetic_baseline_smoke")
   assert app.default_workdir("configs/mars.py") == os.path.join("workdir", "mars")
   with pytest.raises(ValueError,
-                     match="--mode='exprot': expected one of eval, export, extract, train"):
+                     match="--mode='exprot': expected one of eval, export, extract, search, train"):
     app.run(synthetic.get_config("smoke"), "/tmp/unused", "exprot")
 
 
