@@ -113,10 +113,10 @@ def ranked_list_png(path: str, query_frame: str, query_pid: int,
   backend_agg.FigureCanvasAgg(fig)
   axes = fig.subplots(1, n, squeeze=False)[0]
   axes[0].imshow(_tile(query_frame, height, width))
-  axes[0].set_title("query", fontsize=7)
+  axes[0].set_title(f"query\npid {query_pid}" if query_pid >= 0 else "query", fontsize=7)
   for ax, match in zip(axes[1:], matches):
     ax.imshow(_tile(match["first_frame"], height, width))
-    ax.set_title(f"#{match['rank']}\n{match['distance']:.3f}", fontsize=7)
+    ax.set_title(f"#{match['rank']} pid {match['pid']}\n{match['distance']:.3f}", fontsize=7)
     color = frame_color(query_pid, match["pid"])
     for spine in ax.spines.values():
       spine.set_visible(color is not None)
@@ -127,7 +127,7 @@ def ranked_list_png(path: str, query_frame: str, query_pid: int,
     ax.set_xticks([])
     ax.set_yticks([])
   axes[0].spines[:].set_visible(False)
-  fig.savefig(path, format="png", dpi=80)
+  fig.savefig(path, format="png", dpi=80, bbox_inches="tight")
   return path
 
 
