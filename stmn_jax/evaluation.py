@@ -26,8 +26,10 @@ Distances are used as given (no epsilon), so float32 ties are resolved exactly.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -670,8 +672,37 @@ def load_features(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def load_extracted(npy_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Features written by `main.py --mode=extract`: `X.npy` (T, D) and its index `X.csv`
+  (columns `pid`, `camera`, one row per feature row) -> (feats, pids, camids)."""
+  csv_path = os.path.splitext(npy_path)[0] + ".csv"
+  try:
+    feats = np.load(npy_path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{npy_path}: cannot read as a .npy array without pickle: {e}") from e
+  if feats.ndim != 2:
+    raise ValueError(f"{npy_path}: expected features (T, D), got shape {feats.shape}")
+  if not os.path.isfile(csv_path):
+    raise ValueError(f"{csv_path}: missing: the index CSV written beside {npy_path} by "
+                     "--mode=extract (columns pid, camera)")
+  with open(csv_path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  for column in ("pid", "camera"):
+    if rows and column not in rows[0]:
+      raise ValueError(f"{csv_path}: no {column!r} column (found {', '.join(rows[0])})")
+  if len(rows) != feats.shape[0]:
+    raise ValueError(f"{csv_path}: {len(rows)} rows but {npy_path} has {feats.shape[0]} features")
+  try:
+    pids = np.asarray([int(r["pid"]) for r in rows], np.int64)
+    camids = np.asarray([int(r["camera"]) for r in rows], np.int64)
+  except ValueError as e:
+    raise ValueError(f"{csv_path}: pid and camera must be integers: {e}") from e
+  return feats, pids, camids
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m stmn_jax.evaluation --features=FILE.npz [...]`; defaults: configs/default.py."""
+  """`python -m stmn_jax.evaluation --features=FILE.npz [...]` or `--query=Q.npy --gallery=G.npy`
+  (features from `main.py --mode=extract`); defaults: configs/default.py."""
   from configs import default  # pylint: disable=g-import-not-at-top
 
   e = default.get_config().eval
@@ -680,15 +711,26 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="CMC / mAP / mINP of saved query and gallery features "
                   f"(npz keys: {' '.join(NPZ_KEYS)}).",
   )
-  parser.add_argument("--features", required=True, help="the .npz file")
+  parser.add_argument("--features", help="the .npz file")
+  parser.add_argument("--query", help="query features .npy from --mode=extract (with its .csv)")
+  parser.add_argument("--gallery", help="gallery features .npy from --mode=extract (with its .csv)")
   parser.add_argument("--distance", default=e.distance, choices=METRICS)
   parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=e.rerank)
   parser.add_argument("--ap", default=e.ap, choices=AP_MODES)
   parser.add_argument("--max_rank", type=int, default=e.max_rank)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
+  if bool(args.features) == bool(args.query and args.gallery) or (
+      bool(args.query) != bool(args.gallery)):
+    parser.error("give either --features=F.npz or both --query=Q.npy and --gallery=G.npy")
   try:
-    data = load_features(args.features)
+    if args.features:
+      data = load_features(args.features)
+    else:
+      data = {}
+      for side, path in (("q", args.query), ("g", args.gallery)):
+        data[f"{side}_feats"], data[f"{side}_pids"], data[f"{side}_camids"] = (
+            load_extracted(path))
     results = evaluate(
         data["q_feats"], data["g_feats"], data["q_pids"], data["g_pids"],
         data["q_camids"], data["g_camids"], distance=args.distance, rerank=args.rerank,
@@ -699,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if args.json:
     out = json_ready(results)
-    out.update(distance=args.distance, rerank=args.rerank, ap=args.ap, features=args.features)
+    out.update(distance=args.distance, rerank=args.rerank, ap=args.ap,
+               features=args.features or [args.query, args.gallery])
     print(json.dumps(out))
   else:
     print(format_table(results))

@@ -262,3 +262,33 @@ def test_python_dash_m_entry_point(tmp_path):
   want = evaluation.evaluate(a["q_feats"], a["g_feats"], a["q_pids"], a["g_pids"],
                              a["q_camids"], a["g_camids"])
   assert out["mAP"] == pytest.approx(want["mAP"])
+
+
+def _write_extracted(prefix, feats, pids, camids, rows=None):
+  """The files `main.py --mode=extract` writes: PREFIX.npy and PREFIX.csv."""
+  np.save(f"{prefix}.npy", feats)
+  lines = ["tracklet,pid,camera,num_frames,first_frame"]
+  lines += [f"t{i},{p},{c},3,f{i}.jpg" for i, (p, c) in enumerate(zip(pids, camids))]
+  with open(f"{prefix}.csv", "w") as f:
+    f.write("\n".join(lines[: rows + 1] if rows is not None else lines) + "\n")
+
+
+def test_cli_on_extracted_query_and_gallery(tmp_path, capsys):
+  a = _write_npz(str(tmp_path / "unused.npz"), np.random.default_rng(9))
+  _write_extracted(tmp_path / "query", a["q_feats"], a["q_pids"], a["q_camids"])
+  _write_extracted(tmp_path / "gallery", a["g_feats"], a["g_pids"], a["g_camids"])
+  args = [f"--query={tmp_path / 'query.npy'}", f"--gallery={tmp_path / 'gallery.npy'}", "--json"]
+  assert evaluation.main(args) == 0
+  out = json.loads(capsys.readouterr().out)
+  want = evaluation.evaluate(a["q_feats"], a["g_feats"], a["q_pids"], a["g_pids"],
+                             a["q_camids"], a["g_camids"])
+  assert out["mAP"] == pytest.approx(want["mAP"])
+  np.testing.assert_allclose(out["cmc"], want["cmc"])
+  # An index CSV one row short is named in the error.
+  _write_extracted(tmp_path / "short", a["g_feats"], a["g_pids"], a["g_camids"],
+                   rows=len(a["g_pids"]) - 1)
+  args[1] = f"--gallery={tmp_path / 'short.npy'}"
+  assert evaluation.main(args) == 2
+  assert "short.csv" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # --features and --query/--gallery exclude each other
+    evaluation.main([f"--features={tmp_path / 'unused.npz'}", f"--query={tmp_path / 'query.npy'}"])
