@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -323,6 +324,18 @@ def read_folder(input_dir: str, verify: bool = True) -> tuple[list[str], list[An
   return names, out
 
 
+def with_progress(batches, total: int, label: str, every: int | None = None):
+  """Yields `batches`, logging `label: batch i/total, elapsed, ETA` about ten times."""
+  every = every or max(1, total // 10)
+  start = time.time()
+  for i, batch in enumerate(batches, 1):
+    yield batch
+    if i % every == 0 or i == total:
+      elapsed = time.time() - start
+      logging.info("%s: batch %d/%d, %.1f s elapsed, ETA %.1f s", label, i, total, elapsed,
+                   elapsed / i * max(total - i, 0))
+
+
 def embed_tracklets(state, tracklets: Sequence[Any], config: ml_collections.ConfigDict,
                     mesh) -> np.ndarray:
   """(T, D) float32 tracklet embeddings through the eval pipeline (clips pooled per tracklet)."""
@@ -339,6 +352,7 @@ def embed_tracklets(state, tracklets: Sequence[Any], config: ml_collections.Conf
     frames = sharding.global_batch({"frames": frames}, mesh)["frames"]
     return embed_fn(state.model_state, frames)
 
+  batches = with_progress(batches, batches.num_batches, f"embedding {len(tracklets)} tracklets")
   return np.asarray(evaluation.extract_features(global_embed, batches, len(tracklets)),
                     np.float32)
 
