@@ -324,7 +324,8 @@ def read_folder(input_dir: str, verify: bool = True) -> tuple[list[str], list[An
   return names, out
 
 
-def with_progress(batches, total: int, label: str, every: int | None = None):
+def with_progress(batches, total: int, label: str, every: int | None = None,
+                  log: Callable[..., Any] = logging.info):
   """Yields `batches`, logging `label: batch i/total, elapsed, ETA` about ten times."""
   every = every or max(1, total // 10)
   start = time.time()
@@ -332,8 +333,8 @@ def with_progress(batches, total: int, label: str, every: int | None = None):
     yield batch
     if i % every == 0 or i == total:
       elapsed = time.time() - start
-      logging.info("%s: batch %d/%d, %.1f s elapsed, ETA %.1f s", label, i, total, elapsed,
-                   elapsed / i * max(total - i, 0))
+      log("%s: batch %d/%d, %.1f s elapsed, ETA %.1f s", label, i, total, elapsed,
+          elapsed / i * max(total - i, 0))
 
 
 def embed_tracklets(state, tracklets: Sequence[Any], config: ml_collections.ConfigDict,
