@@ -8,3 +8,19 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA without most optimisations for one test module (compile time dominates; values are
+  unchanged), restored afterwards so other modules in the same worker are not affected.
+  Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

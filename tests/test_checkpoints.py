@@ -16,7 +16,7 @@ from stmn_jax import sharding
 from stmn_jax import train
 from tests import engine_stubs as stubs
 
-jax.config.update("jax_disable_most_optimizations", True)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _pure(state):

@@ -58,13 +58,7 @@ def _reference(state, config, frames_u8):
   return np.asarray(embed(jax.device_get(state.model_state), x))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA without most optimisations for this module (compile time dominates these tests)."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

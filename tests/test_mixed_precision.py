@@ -29,7 +29,7 @@ from flax import nnx
 from configs import synthetic
 from stmn_jax import evaluation, models, sharding, train
 
-jax.config.update("jax_disable_most_optimizations", True)  # compile time: tests only
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 NUM_CLASSES = 4
 STEPS_PER_EPOCH = 10

@@ -18,12 +18,7 @@ GREEN = (44, 160, 44)  # matplotlib "tab:green"
 RED = (214, 39, 40)  # matplotlib "tab:red"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

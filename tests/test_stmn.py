@@ -26,13 +26,7 @@ def _frames(seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(B, L, H, W, 3)), jnp.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Unoptimised XLA for this module only (compiles ~2x faster; values are unchanged)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @nnx.jit(static_argnames="return_maps")
