@@ -128,6 +128,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.rerank = False
   config.eval.max_rank = 20
   config.eval.checkpoint = "best"  # --mode=eval: "best" or "latest"
+
+  # ---------------------------------------------------------------- figures (--mode=visualize)
+  config.visualize = ml_collections.ConfigDict()
+  config.visualize.seed = 0  # which tracklets, frames, locations and queries are drawn
+  config.visualize.memory_tracklets = 32  # random tracklets whose clips address the memories
+  config.visualize.num_tracklets = 3  # rows of the norm-change figure; per kind for the weights
+  config.visualize.max_frames = 16  # frames shown per tracklet in the temporal-weights figure
+  config.visualize.num_queries = 4  # random queries in the ranked-list figure
+  config.visualize.topk = 10  # gallery tracklets per query (--topk overrides)
+  config.visualize.visrank_queries = 100  # first queries exported to visrank/; -1: all
   return config
 
 
