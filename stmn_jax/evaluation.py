@@ -31,7 +31,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -279,8 +279,22 @@ def rank(
       for a in range(0, padded, chunk_size)
   ]
   positions = np.concatenate([np.asarray(o) for o in outs])[:total]
-  table = np.full((num_q, match_idx.shape[1]), num_g, np.int64)
-  table[pair_q[:total], slot] = positions
+  return _results_from_positions(
+      pair_q[:total], slot, positions, counts, match_idx.shape[1], num_g, max_rank, ap)
+
+
+def _results_from_positions(
+    pair_q: np.ndarray, slot: np.ndarray, positions: np.ndarray, counts: np.ndarray,
+    width: int, num_g: int, max_rank: int, ap: str,
+) -> dict:
+  """Per-pair positions -> `rank`'s dict. pair_q, slot, positions (P,): query row, index among
+  the query's matches and 0-based position of each (query, true match) pair; counts (Q,) true
+  matches per query; width >= counts.max() (the table's row width: the float64 sums depend on
+  it, so `rank` and `rank_streaming` pass the same)."""
+  num_q = counts.size
+  valid_q = np.flatnonzero(counts > 0)
+  table = np.full((num_q, width), num_g, np.int64)
+  table[pair_q, slot] = positions
   table = np.sort(table[valid_q], axis=1)
   per_query = _metrics_from_positions(table, counts[valid_q], ap)
   first_hits = np.bincount(np.minimum(per_query["first"], max_rank), minlength=max_rank + 1)
@@ -397,6 +411,463 @@ def rank_reference(
       "num_valid_queries": len(cmcs),
       "num_queries_without_match": int(distmat.shape[0] - len(cmcs)),
   }
+
+
+# ------------------------------------------------------------------------------ streaming
+# Default gallery chunk: about this many (query, gallery) distances per block (64 MB float32),
+# clipped to [_STREAM_MIN_CHUNK, _STREAM_MAX_CHUNK] gallery rows.
+_STREAM_BLOCK_ELEMENTS = 1 << 24
+_STREAM_MIN_CHUNK, _STREAM_MAX_CHUNK = 1024, 65536
+# Pass-1 (query, match) pairs found in one chunk are padded to a power of two, at least this.
+_STREAM_MIN_PAIRS = 128
+_INT32 = np.iinfo(np.int32)
+# `python -m stmn_jax.evaluation --query --gallery` streams galleries above this many rows.
+STREAM_ABOVE = 100_000
+
+GalleryChunk = tuple[Any, Any, Any]
+
+
+def _order_key(d: jax.Array) -> jax.Array:
+  """float32 -> int32 keys ordered as `<` orders the (non-NaN) floats, with -0.0 == +0.0."""
+  d = jnp.where(d == 0, jnp.zeros_like(d), d)
+  bits = jax.lax.bitcast_convert_type(d, jnp.int32)
+  return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def _removed_or_junk(gp: jax.Array, gc: jax.Array, qp: jax.Array, qc: jax.Array) -> jax.Array:
+  """(c,) gallery pids / cams, (Q,) query pids / cams -> (Q, c) True where an item is not
+  ranked for that query: junk (pid -1, also the chunk padding) or same pid and same camera."""
+  return (gp[None, :] == -1) | ((gp[None, :] == qp[:, None]) & (gc[None, :] == qc[:, None]))
+
+
+def _local_distances(x: jax.Array, q: jax.Array | None, metric: str | None) -> jax.Array:
+  """One device's share of a chunk -> its (Q, c) distances: features (c, D) through
+  `_distance_block` (the kernel of `pairwise_distance`), or a given distance block (Q, c)."""
+  return x.astype(jnp.float32) if metric is None else _distance_block(q, x, metric)
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_kernels(mesh: Any, metric: str | None, topk: int):
+  """The two jitted per-chunk kernels for a mesh, a metric (None: distance blocks) and k.
+
+  A chunk's rows are split over the mesh's 'data' axis (shard_map): each device computes the
+  distances to its own consecutive columns, so a device's column j is chunk column
+  axis_index * c + j and global gallery index base + that.
+  """
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  ax = sharding.DATA_AXIS
+  x_spec = P(ax, None) if metric is not None else P(None, ax)
+  rep = P()
+
+  def columns(d):
+    c = d.shape[1]
+    offset = jax.lax.axis_index(ax) * c
+    return offset, offset + jnp.arange(c, dtype=jnp.int32)
+
+  def pass1_local(x, gp, gc, n_real, base, q, qp, qc, pair_q, pair_col, top_key, top_idx,
+                  top_dist):
+    d = _local_distances(x, q, metric)
+    c = d.shape[1]
+    offset, col = columns(d)
+    real = col < n_real
+    bad = jnp.isnan(d).any(axis=0)
+    if metric is not None:
+      bad = bad | ~jnp.isfinite(x).all(axis=1)
+    bad = bad & real
+    local = pair_col - offset
+    mine = (local >= 0) & (local < c)
+    dm = jnp.where(mine, d[pair_q, jnp.clip(local, 0, c - 1)], 0.0)
+    if topk:
+      skip = _removed_or_junk(gp, gc, qp, qc) | ~real[None, :]
+      key = jnp.where(skip, _INT32.max, _order_key(d))
+      neg, j = jax.lax.top_k(~key, min(topk, c))  # smallest keys, ties: lower column first
+      idx = base + offset + j
+      dist = jnp.take_along_axis(d, j, axis=1)
+      gather = lambda v: jax.lax.all_gather(v, ax, axis=1, tiled=True)  # device = column order
+      # Running entries first: they have lower gallery indices than this chunk's.
+      cand = jnp.concatenate([~top_key, gather(neg)], axis=1)
+      best, sel = jax.lax.top_k(cand, topk)
+      top_key = ~best
+      top_idx = jnp.take_along_axis(jnp.concatenate([top_idx, gather(idx)], axis=1), sel, axis=1)
+      top_dist = jnp.take_along_axis(
+          jnp.concatenate([top_dist, gather(dist)], axis=1), sel, axis=1)
+    return bad, dm, top_key, top_idx, top_dist
+
+  def pass2_local(x, gp, gc, base, q, qp, qc, pair_q, pair_dm, pair_im):
+    d = _local_distances(x, q, metric)
+    _, col = columns(d)
+    gidx = base + col
+    # NaN never compares true: junk, padding and removed items never come before a match.
+    d = jnp.where(_removed_or_junk(gp, gc, qp, qc), jnp.nan, d)
+
+    def step(args):
+      r, dm, im = args  # (s,) each
+      rows = jnp.take(d, r, axis=0)  # (s, c)
+      before = (rows < dm[:, None]) | ((rows == dm[:, None]) & (gidx[None, :] < im[:, None]))
+      # float32 sum is exact (c < 2^24) and takes XLA:CPU's fast reduction path.
+      return jnp.sum(before.astype(jnp.float32), axis=1).astype(jnp.int32)
+
+    p, s = pair_q.shape[0], _ROWS_PER_STEP
+    counts = jax.lax.map(step, (pair_q.reshape(p // s, s), pair_dm.reshape(p // s, s),
+                                pair_im.reshape(p // s, s)))
+    return jax.lax.psum(counts.reshape(p), ax)
+
+  q_spec = rep
+  pass1 = jax.jit(jax.shard_map(
+      pass1_local, mesh=mesh,
+      in_specs=(x_spec, P(ax), P(ax), rep, rep, q_spec, rep, rep, rep, rep, rep, rep, rep),
+      out_specs=(P(ax), P(ax), rep, rep, rep), check_vma=False,
+  ))
+
+  @jax.jit
+  def pass2(counts, *args):
+    return counts + jax.shard_map(
+        pass2_local, mesh=mesh,
+        in_specs=(x_spec, P(ax), P(ax), rep, q_spec, rep, rep, rep, rep, rep),
+        out_specs=rep, check_vma=False,
+    )(*args)
+
+  return pass1, pass2
+
+
+def _check_ids(name: str, x: Any, n: int | None, where: str) -> np.ndarray:
+  """(n,) integer ids within int32 -> int32, else a ValueError naming `where` and `name`."""
+  x = np.asarray(x)
+  if x.ndim != 1 or (n is not None and x.shape[0] != n):
+    want = f"({n},)" if n is not None else "(n,)"
+    raise ValueError(f"{where}{name}: expected shape {want}, got {x.shape}")
+  if not np.issubdtype(x.dtype, np.integer):
+    raise ValueError(f"{where}{name}: expected integer ids, got dtype {x.dtype}")
+  if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+    raise ValueError(f"{where}{name}: ids must fit in int32, got range [{x.min()}, {x.max()}]")
+  return x.astype(np.int32)
+
+
+def _is_array_triple(gallery: Any) -> bool:
+  return (isinstance(gallery, (tuple, list)) and len(gallery) == 3
+          and all(hasattr(a, "ndim") and hasattr(a, "shape") for a in gallery)
+          and gallery[0].ndim == 2 and gallery[1].ndim == 1)
+
+
+def _source(gallery: Any, axis: int, chunk: int) -> Callable[[], Iterable[GalleryChunk]]:
+  """gallery -> a function returning a fresh iterator of (x, pids, camids) source chunks.
+
+  Arrays (x, pids, camids) (NumPy, np.memmap, ...) are sliced along `axis` into pieces of
+  `chunk`; a callable is called once per pass; a re-iterable (list, tuple) is iterated once per
+  pass. A one-shot iterator (generator) is refused: the gallery is read twice.
+  """
+  if _is_array_triple(gallery):
+    x, pids, cams = gallery
+    n = x.shape[axis]
+
+    def slices():
+      for a in range(0, n, chunk):
+        part = (slice(None),) * axis + (slice(a, a + chunk),)
+        yield x[part], pids[a:a + chunk], cams[a:a + chunk]
+    return slices
+  if callable(gallery):
+    return gallery
+  if isinstance(gallery, Iterator):
+    raise ValueError("gallery: a one-shot iterator (e.g. a generator) cannot be read twice; "
+                     "pass a list of (feats, pids, camids) chunks, arrays, or a function that "
+                     "returns a fresh iterator of chunks")
+  if isinstance(gallery, Iterable):
+    return lambda: iter(gallery)
+  raise ValueError(f"gallery: expected (feats, pids, camids) arrays, a list of such chunks or a "
+                   f"function returning an iterator of them, got {type(gallery).__name__}")
+
+
+def _checked_chunks(
+    chunks: Iterable[Any], axis: int, other: int, size: int, what: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+  """Validates source chunks and re-cuts them into consecutive pieces of exactly `size` gallery
+  rows (the last one shorter) -> (start, x float32, pids int32, camids int32).
+
+  x's gallery axis is `axis` (0: features (n, D); 1: distances (Q, n)) and its other axis must
+  have length `other` (D or Q). Memory: at most one piece plus one source chunk.
+  """
+  buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+  have, start = 0, 0
+  other_name = "feature dim D" if axis == 0 else "number of queries Q"
+
+  def flush():
+    nonlocal buf, have, start
+    xs, ps, cs = zip(*buf)
+    out = (start, np.concatenate(xs, axis=axis) if len(xs) > 1 else xs[0],
+           np.concatenate(ps) if len(ps) > 1 else ps[0],
+           np.concatenate(cs) if len(cs) > 1 else cs[0])
+    start += have
+    buf, have = [], 0
+    return out
+
+  offset = 0
+  for i, item in enumerate(chunks):
+    where = f"{what} chunk {i} (from gallery row {offset}): "
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+      raise ValueError(f"{where}expected a (feats, pids, camids) tuple, got "
+                       f"{type(item).__name__}")
+    x = np.asarray(item[0])
+    if x.ndim != 2 or x.shape[1 - axis] != other:
+      shape = "(n, D)" if axis == 0 else "(Q, n)"
+      raise ValueError(f"{where}expected {shape} with {other_name} = {other}, got {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+      raise ValueError(f"{where}expected real numbers, got dtype {x.dtype}")
+    n = x.shape[axis]
+    pids = _check_ids("pids", item[1], n, where)
+    cams = _check_ids("camids", item[2], n, where)
+    x = x.astype(np.float32, copy=False)
+    a = 0
+    while a < n:
+      take = min(size - have, n - a)
+      part = (slice(None),) * axis + (slice(a, a + take),)
+      buf.append((x[part], pids[a:a + take], cams[a:a + take]))
+      have += take
+      a += take
+      if have == size:
+        yield flush()
+    offset += n
+  if have:
+    yield flush()
+
+
+def _pad_to(x: np.ndarray, size: int, axis: int, value: Any = 0) -> np.ndarray:
+  n = x.shape[axis]
+  if n == size:
+    return np.ascontiguousarray(x)
+  width = [(0, 0)] * x.ndim
+  width[axis] = (0, size - n)
+  return np.pad(x, width, constant_values=value)
+
+
+def _next_pow2(n: int, least: int) -> int:
+  return max(least, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def _find_matches(start, pids, cams, q_order, sorted_qp, q_cams):
+  """Host side, one chunk: (query, gallery index) of its true matches (same pid, other camera,
+  pid != -1), found through the sorted query pids (O(c log Q), no (Q, c) table)."""
+  lo = np.searchsorted(sorted_qp, pids, side="left")
+  hi = np.searchsorted(sorted_qp, pids, side="right")
+  n = np.where(pids == -1, 0, hi - lo)
+  item = np.repeat(np.arange(pids.size), n)
+  k = np.arange(item.size) - np.repeat(np.cumsum(n) - n, n)
+  q = q_order[lo[item] + k]
+  keep = cams[item] != q_cams[q]
+  return q[keep], (start + item[keep]).astype(np.int64)
+
+
+def _chunk_rows(gallery_chunk: int | None, num_q: int, num_devices: int,
+                num_g: int | None) -> int:
+  if gallery_chunk is None:
+    c = min(max(_STREAM_BLOCK_ELEMENTS // max(num_q, 1), _STREAM_MIN_CHUNK), _STREAM_MAX_CHUNK)
+    if num_g is not None:
+      c = min(c, max(num_g, 1))
+  else:
+    c = int(gallery_chunk)
+    if c < 1:
+      raise ValueError(f"gallery_chunk = {gallery_chunk}: expected >= 1 or None")
+  return _round_up(c, num_devices)
+
+
+def _rank_stream(
+    source: Callable[[], Iterable[Any]], q: np.ndarray | None, q_pids: np.ndarray,
+    q_cams: np.ndarray, *, metric: str | None, other: int, chunk: int, max_rank: int, ap: str,
+    topk: int, mesh: Any, what: str,
+) -> dict:
+  """The two passes shared by `rank_streaming` (features) and `rank_distance_blocks`."""
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  ax = sharding.DATA_AXIS
+  axis = 0 if metric is not None else 1
+  num_q = q_pids.size
+  pass1, pass2 = _stream_kernels(mesh, metric, topk)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  x_spec = P(ax, None) if axis == 0 else P(None, ax)
+  qd = put(q, P()) if q is not None else None
+  qp_d, qc_d = put(q_pids, P()), put(q_cams, P())
+
+  def device_chunk(x, pids, cams):
+    return (put(_pad_to(x, chunk, axis), x_spec), put(_pad_to(pids, chunk, 0, -1), P(ax)),
+            put(_pad_to(cams, chunk, 0, -1), P(ax)))
+
+  # Pass 1: each true match's own distance (from the block that holds it), the running top-k,
+  # NaN checks, and a fingerprint of every chunk to check that pass 2 reads the same gallery.
+  order = np.argsort(q_pids, kind="stable")
+  sorted_qp = q_pids[order]
+  found_q, found_g, found_d, prints = [], [], [], []
+  top = (put(np.full((num_q, topk), _INT32.max, np.int32), P()),
+         put(np.full((num_q, topk), -1, np.int32), P()),
+         put(np.full((num_q, topk), np.inf, np.float32), P())) if topk else (None,) * 3
+  num_g = 0
+  for start, x, pids, cams in _checked_chunks(source(), axis, other, chunk, what):
+    if start + chunk > _INT32.max:
+      raise ValueError(f"{what}: more than {_INT32.max - chunk} gallery items are not supported")
+    n = pids.size
+    prints.append((n, zlib.crc32(pids.tobytes() + cams.tobytes())))
+    mq, mg = _find_matches(start, pids, cams, order, sorted_qp, q_cams)
+    m = _next_pow2(mq.size, _STREAM_MIN_PAIRS)
+    pair_q = _pad_to(mq.astype(np.int32), m, 0)
+    pair_col = _pad_to((mg - start).astype(np.int32), m, 0)
+    bad, dm, *top = pass1(*device_chunk(x, pids, cams), np.int32(n), np.int32(start), qd, qp_d,
+                          qc_d, pair_q, pair_col, *top)
+    bad = np.flatnonzero(np.asarray(bad))
+    if bad.size:
+      cause = "non-finite feature values or NaN distances" if metric else "NaN distances"
+      raise ValueError(f"{what}: {cause} at gallery row(s) {(start + bad[:10]).tolist()} "
+                       f"({bad.size} in rows {start}..{start + n - 1})")
+    if mq.size:
+      dm = np.asarray(dm).reshape(mesh.size, m)
+      owner = (mg - start) // (chunk // mesh.size)
+      found_q.append(mq)
+      found_g.append(mg)
+      found_d.append(dm[owner, np.arange(mq.size)])
+    num_g = start + n
+  if num_g == 0:
+    raise ValueError(f"{what}: the gallery is empty")
+
+  pair_q = np.concatenate(found_q) if found_q else np.zeros(0, np.int64)
+  pair_g = np.concatenate(found_g) if found_g else np.zeros(0, np.int64)
+  pair_dm = np.concatenate(found_d) if found_d else np.zeros(0, np.float32)
+  counts = np.bincount(pair_q, minlength=num_q)
+  if not counts.any():
+    raise ValueError(f"none of the {num_q} queries has a true match in the gallery "
+                     "(same pid, other camera, pid != -1)")
+  srt = np.lexsort((pair_g, pair_q))  # query order, then gallery order (as `rank`)
+  pair_q, pair_g, pair_dm = pair_q[srt], pair_g[srt], pair_dm[srt]
+  slot = np.arange(pair_q.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+  # Pass 2: for every pair, count the chunk's ranked items that come before its match.
+  total = pair_q.size
+  padded = _round_up(total, _ROWS_PER_STEP)
+  dev_pairs = (put(_pad_to(pair_q.astype(np.int32), padded, 0), P()),
+               put(_pad_to(pair_dm.astype(np.float32), padded, 0, np.nan), P()),
+               put(_pad_to(pair_g.astype(np.int32), padded, 0), P()))
+  before = put(np.zeros(padded, np.int32), P())
+  previous, i = None, -1
+  for i, (start, x, pids, cams) in enumerate(_checked_chunks(source(), axis, other, chunk, what)):
+    fingerprint = (pids.size, zlib.crc32(pids.tobytes() + cams.tobytes()))
+    if i >= len(prints) or prints[i] != fingerprint:
+      raise ValueError(f"{what}: the gallery changed between the two passes (chunk {i} from row "
+                       f"{start}); a callable gallery must return the same chunks every call")
+    before = pass2(before, *device_chunk(x, pids, cams), np.int32(start), qd, qp_d, qc_d,
+                   *dev_pairs)
+    if previous is not None:  # at most two chunks in flight: memory stays bounded
+      previous.block_until_ready()
+    previous = before
+  if i + 1 != len(prints):
+    raise ValueError(f"{what}: the gallery changed between the two passes ({len(prints)} chunks, "
+                     f"then {i + 1}); a callable gallery must return the same chunks every call")
+  positions = np.asarray(before)[:total].astype(np.int64)
+  results = _results_from_positions(
+      pair_q, slot, positions, counts, max(int(counts.max()), 1), num_g, max_rank, ap)
+  results["num_gallery"] = int(num_g)
+  if topk:
+    key, idx, dist = (np.asarray(t) for t in top)
+    empty = key == _INT32.max
+    results["topk_index"] = np.where(empty, -1, idx).astype(np.int64)
+    results["topk_distance"] = np.where(empty, np.inf, dist).astype(np.float32)
+  return results
+
+
+def _stream_setup(q_pids, q_camids, max_rank, ap, topk, mesh):
+  if ap not in AP_MODES:
+    raise ValueError(f"ap = {ap!r}: expected one of {', '.join(AP_MODES)}")
+  if int(max_rank) < 1:
+    raise ValueError(f"max_rank = {max_rank}: expected >= 1")
+  if int(topk) < 0:
+    raise ValueError(f"topk = {topk}: expected >= 0")
+  qp = _check_ids("q_pids", q_pids, None, "")
+  qc = _check_ids("q_camids", q_camids, qp.size, "")
+  if mesh is None:
+    from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
+
+    mesh = sharding.make_mesh()
+  return qp, qc, mesh
+
+
+def _gallery_rows(gallery: Any, axis: int) -> int | None:
+  return int(gallery[0].shape[axis]) if _is_array_triple(gallery) else None
+
+
+def rank_streaming(
+    query_feats: Any,
+    q_pids: Any,
+    q_camids: Any,
+    gallery: Any,
+    *,
+    metric: str = "cosine",
+    max_rank: int = 20,
+    ap: str = "noninterp",
+    gallery_chunk: int | None = None,
+    topk: int = 0,
+    mesh: Any = None,
+) -> dict:
+  """Exact CMC / mAP / mINP of features, streaming the gallery: memory O(Q x gallery_chunk)
+  plus O(Q x (max true matches + topk)), never O(Q x G).
+
+  query_feats (Q, D), q_pids, q_camids (Q,). `gallery` is (feats (G, D), pids (G,), camids (G,))
+  arrays (an `np.memmap` / `np.load(mmap_mode="r")` is read chunk by chunk), a list of such
+  chunks, or a function returning a fresh iterator of chunks; the gallery's order is the
+  chunks' concatenation. It is read twice: pass 1 computes each (query, true match) pair's
+  distance from the distance block that holds the match; pass 2 recomputes the blocks with the
+  same jitted kernel and counts, per pair, the ranked items before the match (smaller distance,
+  or equal and lower gallery index; junk and same-pid same-camera items excluded). Gallery
+  chunks of `gallery_chunk` rows (None: ~2^24 / Q, in [1024, 65536]; rounded up to the number
+  of devices; the last chunk padded) are split over the devices of `mesh` (default: all
+  devices, 'data' axis). Results equal `rank(pairwise_distance(q, g, metric), ...)` exactly
+  whenever the two compute the same float32 distances (they share the distance kernel; a
+  different block shape may change a last bit).
+
+  Returns `rank`'s dict plus "num_gallery", and with topk > 0 "topk_index" (Q, topk) int64 and
+  "topk_distance" (Q, topk) float32: each query's topk nearest ranked gallery items (junk and
+  same-pid same-camera items excluded; ties by gallery index; -1 / inf when fewer). CMC comes
+  from the counts (position of the first true match), not from the top-k.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"distance metric {metric!r}: expected one of {', '.join(METRICS)}")
+  qp, qc, mesh = _stream_setup(q_pids, q_camids, max_rank, ap, topk, mesh)
+  q = np.asarray(query_feats)
+  if q.ndim != 2 or q.shape[0] != qp.size:
+    raise ValueError(f"query_feats: expected ({qp.size}, D) to match q_pids, got {q.shape}")
+  q = q.astype(np.float32)
+  if not np.isfinite(q).all():
+    rows = np.flatnonzero(~np.isfinite(q).all(axis=1))
+    raise ValueError(f"query_feats: non-finite values in {rows.size} row(s), first: "
+                     f"{rows[:10].tolist()}")
+  chunk = _chunk_rows(gallery_chunk, qp.size, mesh.size, _gallery_rows(gallery, 0))
+  return _rank_stream(
+      _source(gallery, 0, chunk), q, qp, qc, metric=metric, other=q.shape[1], chunk=chunk,
+      max_rank=int(max_rank), ap=ap, topk=int(topk), mesh=mesh, what="gallery")
+
+
+def rank_distance_blocks(
+    blocks: Any,
+    q_pids: Any,
+    q_camids: Any,
+    *,
+    max_rank: int = 20,
+    ap: str = "noninterp",
+    gallery_chunk: int | None = None,
+    topk: int = 0,
+    mesh: Any = None,
+) -> dict:
+  """`rank_streaming` from precomputed distances: `blocks` is (distmat (Q, G), g_pids,
+  g_camids) arrays (memmap allowed), a list of (dist (Q, n), pids (n,), camids (n,)) column
+  blocks, or a function returning a fresh iterator of them. Same counting code as
+  `rank_streaming`; the result equals `rank(distmat, ...)` exactly (+-inf allowed, NaN refused).
+  """
+  qp, qc, mesh = _stream_setup(q_pids, q_camids, max_rank, ap, topk, mesh)
+  chunk = _chunk_rows(gallery_chunk, qp.size, mesh.size, _gallery_rows(blocks, 1))
+  return _rank_stream(
+      _source(blocks, 1, chunk), None, qp, qc, metric=None, other=qp.size, chunk=chunk,
+      max_rank=int(max_rank), ap=ap, topk=int(topk), mesh=mesh, what="distance blocks")
 
 
 # ------------------------------------------------------------------------------ pooling
