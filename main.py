@@ -25,18 +25,24 @@ def define_flags() -> None:
       "workdir", "", "Checkpoints, TensorBoard logs, results.json "
       "(default: workdir/<config name>[_<words>]).")
   flags.DEFINE_string("mode", "train",
-                      "train | eval | export | extract | search (stmn_jax.app.MODES).")
+                      "train | eval | export | extract | search | visualize "
+                      "(stmn_jax.app.MODES).")
   flags.DEFINE_string("export_dir", "", "--mode=export: SavedModel folder "
                       "(default: workdir/export/saved_model).")
-  flags.DEFINE_string("split", "", "--mode=extract: query | gallery | train (default query).")
+  flags.DEFINE_string("split", "", "--mode=extract: query | gallery | train (default query); "
+                      "--mode=visualize: the part the tracklet figures draw from "
+                      "(default gallery).")
   flags.DEFINE_string("input_dir", "", "--mode=extract: one sub-folder of frames per tracklet "
                       "(optional tracklets.csv: tracklet, pid, camera).")
   flags.DEFINE_string("query", "", "--mode=search: one sub-folder of frames per query tracklet "
                       "(optional tracklets.csv: tracklet, pid, camera).")
   flags.DEFINE_string("gallery", "", "--mode=search: gallery embeddings FEATURES.npy of "
                       "--mode=extract (its FEATURES.csv index next to it).")
-  flags.DEFINE_integer("topk", 0, "--mode=search: gallery tracklets listed per query "
-                       "(default 10).")
+  flags.DEFINE_integer("topk", 0, "--mode=search / visualize: gallery tracklets listed per "
+                       "query (default 10; visualize: config.visualize.topk).")
+  flags.DEFINE_string("compare_workdir", "", "--mode=visualize: a second workdir of the same "
+                      "architecture (e.g. trained without the spread loss) drawn beside "
+                      "--workdir in the memory and curve figures.")
   flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
   flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
   flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
@@ -65,9 +71,11 @@ def main(argv) -> None:
 def mode_options(mode: str) -> dict:
   """The mode-specific flags given on the command line, as keyword arguments of the mode."""
   given = {"export_dir": FLAGS.export_dir, "split": FLAGS.split, "input_dir": FLAGS.input_dir,
-           "query": FLAGS.query, "gallery": FLAGS.gallery, "topk": FLAGS.topk}
+           "query": FLAGS.query, "gallery": FLAGS.gallery, "topk": FLAGS.topk,
+           "compare_workdir": FLAGS.compare_workdir}
   allowed = {"export": ("export_dir",), "extract": ("split", "input_dir"),
-             "search": ("query", "gallery", "topk")}.get(mode, ())
+             "search": ("query", "gallery", "topk"),
+             "visualize": ("split", "topk", "compare_workdir")}.get(mode, ())
   for name, value in given.items():
     if value and name not in allowed:
       raise app.UsageError(f"--{name} is not a flag of --mode={mode}")

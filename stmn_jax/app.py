@@ -91,6 +91,8 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
 from stmn_jax import export as _export
 # pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
 from stmn_jax import retrieval as _retrieval
+# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
+from stmn_jax import visualize as _visualize
 
 
 # ------------------------------------------------------------------------------ flags helpers

@@ -1,0 +1,790 @@
+"""--mode=visualize: the figures of a trained workdir (issue #6), as PNG files plus their numbers.
+
+`python main.py --mode=visualize --config=... --workdir=W [--split=gallery] [--topk=10]
+[--compare_workdir=W2]` restores W's best (or latest) checkpoint and writes to `W/visualize/`:
+
+- `memory_probs.png`: matching probabilities of the spatial memory (random locations of random
+  frames) and of the temporal memory (random tracklets), rows = queries, columns = memory items,
+  with the mean usage of each item below; with `--compare_workdir` (e.g. the same model trained
+  without the spread loss) both models side by side, on the same inputs (paper Fig. 5);
+- `norm_change.png`: ||f_s|| - ||f_o|| per location, over the frames of a few tracklets of the
+  most cluttered cameras (paper Fig. 7);
+- `temporal_weights.png`: the temporal memory's frame weights over the frames of tracklets with
+  occlusion, misalignment and none, distractor frames shaded (synthetic benchmark only: the
+  flags come from its sidecar; paper Fig. 10);
+- `ranked_lists.png` (+ one `ranked/<query>.png` each): query and top-k gallery tracklets framed
+  green (same identity) / red (paper Fig. 8), and `visrank/` in torchreid's video layout;
+- `curves.png`: training loss terms and validation / test mAP from the TensorBoard events;
+- `visualize.json`: the numbers behind the figures (sampled probabilities with their inputs,
+  entropy and usage, frame weights, mean weight of distractor vs clean frames).
+
+Memory figures are drawn only for STMN variants that have that memory. `--split` picks the
+part of the test split the tracklet figures draw from (query | gallery | train, default
+gallery, which under the official protocols holds every test tracklet). All sample sizes live
+in `config.visualize`. Runs in one process.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from stmn_jax import app
+from stmn_jax import export
+from stmn_jax import retrieval
+from stmn_jax import sharding
+
+PARTS = ("query", "gallery", "train")
+DEFAULT_PART = "gallery"
+# Per-frame flags of the synthetic sidecar (data_pipelines/synthetic/generator.FLAGS).
+DISTRACTOR_FLAGS = ("occluded", "misaligned", "out_of_frame", "other_person")
+WEIGHT_KINDS = ("occluded", "misaligned", "none")  # rows of the temporal-weights figure
+FORWARD_KEYS = ("spatial_probs", "temporal_probs", "frame_weights")
+PNG_DPI = 100
+CLUTTER_FRAMES = 16  # frames per camera whose median image scores the camera's clutter
+FIGURES = ("memory_probs", "norm_change", "temporal_weights", "ranked_lists", "curves")
+
+
+def visualize_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "visualize")
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+  """One independent stream per figure, so figures do not change each other's draws."""
+  return np.random.default_rng([int(seed), stream])
+
+
+def _figure(width: float, height: float):
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+
+  fig = figure.Figure(figsize=(width, height))
+  backend_agg.FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path: str) -> str:
+  fig.savefig(path, format="png", dpi=PNG_DPI, bbox_inches="tight")
+  return path
+
+
+# ------------------------------------------------------------------------------ inputs
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+  """Raises FileNotFoundError naming `workdir` when it holds no checkpoint to restore."""
+  if not workdir or not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{flag}={workdir}: no such workdir (train first)")
+  places = [os.path.join(workdir, p) for p in ("checkpoints", "best", os.path.join(
+      "export", "params"))]
+  if not any(os.path.isdir(p) and os.listdir(p) for p in places):
+    raise FileNotFoundError(
+        f"{flag}={workdir}: no checkpoint to visualize (expected one of {', '.join(places)}; "
+        f"train first)")
+
+
+def synthetic_meta(config: ml_collections.ConfigDict,
+                   tracklets: Sequence[Any]) -> list[dict | None] | None:
+  """Sidecar entries (per-frame distractor flags) of `tracklets`, or None off the synthetic
+  benchmark (or when none of them is found in it)."""
+  if config.dataset.name != "synthetic":
+    return None
+  from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
+
+  try:
+    meta = generator.meta_for(config.dataset.root, tracklets)
+  except FileNotFoundError as e:
+    logging.warning("no synthetic sidecar: %s", e)
+    return None
+  return meta if any(m is not None for m in meta) else None
+
+
+class FrameLoader:
+  """uint8 frames `(n, H, W, 3)` of a tracklet, decoded and resized as the eval pipeline does."""
+
+  def __init__(self, tracklets: Sequence[Any], config: ml_collections.ConfigDict):
+    from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+
+    self._source = pipeline.frame_source(tracklets, config)
+    self._hw = int(config.data.height), int(config.data.width)
+
+  def __call__(self, index: int, frames: Sequence[int]) -> np.ndarray:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    out = self._source.load(tf.constant(int(index), tf.int64),
+                            tf.constant(np.asarray(frames, np.int64)), *self._hw)
+    return np.asarray(out, np.uint8)
+
+
+# ------------------------------------------------------------------------------ model passes
+def make_forward(state, mesh, maps: bool) -> Callable:
+  """Jitted `(model_state, frames (B, L, H, W, 3)) -> dict` of the outputs figures read:
+  `spatial_probs` (B, L, h*w, M), `temporal_probs` (B, N), `frame_weights` (B, L) where the
+  model has them; with `maps` also `norm_change` (B, L, h, w) = ||f_s|| - ||f_o|| (STMN)."""
+  from stmn_jax.models import stmn  # pylint: disable=g-import-not-at-top
+
+  model_def = state.model_def_eval
+
+  def forward(model_state, frames):
+    model = nnx.merge(model_def, model_state)
+    out = model(frames, return_maps=True) if maps else model(frames)
+    res = {k: out[k].astype(jnp.float32) for k in FORWARD_KEYS if k in out}
+    if maps:
+      res["norm_change"] = stmn.feature_norm_change(out)
+    return res
+
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return jax.jit(forward, in_shardings=(rep, dat), out_shardings=dat)
+
+
+def run_clips(state, forward: Callable, tracklets: Sequence[Any],
+              config: ml_collections.ConfigDict, mesh, clips: str | None = None):
+  """Every all-frames clip (`clips`, default `config.eval.clips`) of `tracklets` through
+  `forward` -> (tracklet index (R,), frame indices (R, L), {output: (R, ...)}), R real clips
+  in tracklet order."""
+  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+
+  batches = pipeline.eval_iterator(tracklets, config, sampling="all_frames",
+                                   clips=clips or config.eval.clips)
+  outs = []
+  for batch in batches:
+    frames = sharding.global_batch({"frames": batch["frames"]}, mesh)["frames"]
+    outs.append(jax.device_get(forward(state.model_state, frames)))
+  plan, n = batches.plan, batches.plan.num_clips
+  merged = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]} if outs else {}
+  return plan.tracklet[:n].astype(np.int64), plan.frames[:n].astype(np.int64), merged
+
+
+def first_clip_rows(tracklet_index: np.ndarray) -> np.ndarray:
+  """(R,) tracklet index of each clip -> row of each tracklet's first clip, in tracklet order."""
+  _, first = np.unique(tracklet_index, return_index=True)
+  return first
+
+
+# ------------------------------------------------------------------------------ numbers
+def entropy(probs: np.ndarray, axis: int = -1) -> np.ndarray:
+  """Shannon entropy (nats) of distributions along `axis`."""
+  p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
+  return -np.sum(p * np.log(p), axis=axis)
+
+
+def memory_stats(probs: np.ndarray) -> dict:
+  """(R, M) matching probabilities -> entropy / usage numbers.
+
+  `mean_entropy` per query (nats; `max_entropy` = log M for uniform addressing),
+  `normalized_entropy` = mean_entropy / log M, `mean_max_prob`, `usage` (mean probability per
+  item), `usage_perplexity` = exp(entropy of usage) (how many items are used on average, 1..M),
+  `argmax_counts` (queries whose most likely item is each item).
+  """
+  p = np.asarray(probs, np.float64).reshape(-1, np.shape(probs)[-1])
+  m = p.shape[1]
+  ent = entropy(p)
+  usage = p.mean(axis=0)
+  return {
+      "rows": int(p.shape[0]), "slots": int(m), "mean_entropy": float(ent.mean()),
+      "max_entropy": float(np.log(m)),
+      "normalized_entropy": float(ent.mean() / np.log(m)) if m > 1 else 0.0,
+      "mean_max_prob": float(p.max(axis=1).mean()), "usage": usage.tolist(),
+      "usage_perplexity": float(np.exp(entropy(usage))),
+      "argmax_counts": np.bincount(p.argmax(axis=1), minlength=m).tolist(),
+  }
+
+
+def clip_flags(meta: Mapping[str, Any], frames: np.ndarray, kind: str) -> np.ndarray:
+  """(L,) frame indices of one clip -> (L,) bool: the frame carries `kind` ("any": any flag)."""
+  kinds = DISTRACTOR_FLAGS if kind == "any" else (kind,)
+  return np.any([np.asarray(meta[k], bool)[frames] for k in kinds], axis=0)
+
+
+def real_positions(frames: np.ndarray) -> np.ndarray:
+  """(L,) frame indices -> (L,) bool, False where a padded clip repeats an earlier frame."""
+  frames = np.asarray(frames)
+  return np.asarray([frames[j] not in frames[:j] for j in range(len(frames))])
+
+
+def distractor_weight_stats(
+    weights: np.ndarray, frames: np.ndarray, tracklet_index: np.ndarray,
+    meta: Sequence[Mapping[str, Any] | None], kinds: Sequence[str] = DISTRACTOR_FLAGS + ("any",),
+) -> dict:
+  """Mean temporal weight of distractor frames vs clean ones, per distractor kind.
+
+  weights (R, L) of R clips, frames (R, L) their frame indices, tracklet_index (R,). Only
+  clips holding both kinds of frames count (weights sum to 1 within a clip, so a clip of
+  distractor frames only says nothing); a clean frame carries no flag at all; repeated
+  (padding) positions are left out. Uniform weighting is 1 / L.
+  """
+  out = {}
+  for kind in kinds:
+    flagged, clean, clips = [], [], 0
+    for w, f, t in zip(weights, frames, tracklet_index):
+      m = meta[int(t)]
+      if m is None:
+        continue
+      real = real_positions(f)
+      bad = clip_flags(m, f, kind) & real
+      good = ~clip_flags(m, f, "any") & real
+      if bad.any() and good.any():
+        clips += 1
+        flagged += w[bad].tolist()
+        clean += w[good].tolist()
+    out[kind] = {
+        "clips": clips, "flagged_frames": len(flagged), "clean_frames": len(clean),
+        "mean_weight_flagged": float(np.mean(flagged)) if flagged else None,
+        "mean_weight_clean": float(np.mean(clean)) if clean else None,
+        "uniform": 1.0 / weights.shape[1] if len(weights) else None,
+    }
+  return out
+
+
+def camera_clutter(tracklets: Sequence[Any], load: Callable, rng: np.random.Generator,
+                   frames_per_camera: int = CLUTTER_FRAMES) -> dict[int, float]:
+  """{camera: clutter score}: mean absolute gradient of the per-pixel median of random frames
+  of the camera's tracklets (people vary from frame to frame; the static scene stays)."""
+  by_cam: dict[int, list[int]] = {}
+  for i, t in enumerate(tracklets):
+    by_cam.setdefault(int(t.camid), []).append(i)
+  scores = {}
+  for cam, idx in sorted(by_cam.items()):
+    picks = rng.choice(len(idx), size=min(frames_per_camera, len(idx)), replace=False)
+    imgs = []
+    for p in picks:
+      t = tracklets[idx[p]]
+      imgs.append(load(idx[p], [int(rng.integers(t.num_frames))])[0])
+    gray = np.median(np.stack(imgs).astype(np.float32), axis=0).mean(axis=-1) / 255.0
+    scores[cam] = float(np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean())
+  return scores
+
+
+# ------------------------------------------------------------------------------ ranking
+def ranked_gallery(dist: np.ndarray, q_pid: int, q_cam: int, g_pids: np.ndarray,
+                   g_cams: np.ndarray, k: int) -> np.ndarray:
+  """(G,) distances of one query -> indices of its k nearest gallery tracklets, leaving out
+  the same identity seen by the same camera (as the evaluation and torchreid do); ties keep
+  gallery order."""
+  order = np.argsort(dist, kind="stable")
+  keep = ~((g_pids[order] == q_pid) & (g_cams[order] == q_cam))
+  return order[keep][:k]
+
+
+def _copy_frames(frames: Sequence[str], dst: str) -> None:
+  os.makedirs(dst, exist_ok=True)
+  for f in frames:
+    shutil.copy(f, dst)
+
+
+def export_visrank(save_dir: str, dist: np.ndarray, query: Sequence[Any], gallery: Sequence[Any],
+                   topk: int, num_queries: int = -1) -> list[str]:
+  """Ranked lists in the folder layout of torchreid's `visualize_ranked_results` for video
+  data (KaiyangZhou/deep-person-reid, torchreid/utils/reidtools.py): per query a folder named
+  after its first frame without extension, holding `query_top000/` (the query's frames) and
+  `gallery_top001_TRUE/` or `..._FALSE/` ... up to `topk` (copies of each gallery tracklet's
+  frames; TRUE when the pids match). Gallery tracklets of the query's pid and camera are
+  skipped, as there. Differences: ties keep gallery order (stable sort), `save_dir` is emptied
+  first, and only the first `num_queries` queries are written (-1: all). torchreid's
+  `width` / `height` resize only its image-data grid, so they have no counterpart here.
+
+  dist (Q, G). Returns the query folders written.
+  """
+  if os.path.isdir(save_dir):
+    shutil.rmtree(save_dir)
+  os.makedirs(save_dir)
+  g_pids = np.asarray([g.pid for g in gallery])
+  g_cams = np.asarray([g.camid for g in gallery])
+  n = len(query) if num_queries < 0 else min(num_queries, len(query))
+  written = []
+  for qi in range(n):
+    q = query[qi]
+    qdir = os.path.join(save_dir, os.path.splitext(os.path.basename(q.frames[0]))[0])
+    _copy_frames(q.frames, os.path.join(qdir, "query_top000"))
+    for rank, gi in enumerate(ranked_gallery(dist[qi], q.pid, q.camid, g_pids, g_cams, topk), 1):
+      g = gallery[gi]
+      suffix = "TRUE" if g.pid == q.pid else "FALSE"
+      _copy_frames(g.frames, os.path.join(qdir, f"gallery_top{rank:03d}_{suffix}"))
+    written.append(qdir)
+  return written
+
+
+def stack_pngs(paths: Sequence[str], out: str) -> str:
+  """Stacks PNG pictures top to bottom (left aligned, white background) into `out`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  images = []
+  for p in paths:
+    with Image.open(p) as im:
+      images.append(im.convert("RGB"))
+  canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)),
+                     "white")
+  y = 0
+  for im in images:
+    canvas.paste(im, (0, y))
+    y += im.height
+  canvas.save(out, format="PNG")
+  return out
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Scalars of the TensorBoard event files in `workdir`: {tag: (steps, values)} by step.
+
+  clu writes TF2 summaries, i.e. scalars as 0-d `tensor` values; older `simple_value` events
+  are read too. A step written twice (a resumed run) keeps the last value.
+  """
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+
+  data: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in event_file_loader.LegacyEventFileLoader(path).Load():
+      if not event.HasField("summary"):
+        continue
+      for value in event.summary.value:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+          x = float(value.simple_value)
+        elif kind == "tensor":
+          arr = tensor_util.make_ndarray(value.tensor)
+          if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
+            continue  # hparams, text, ...
+          x = float(arr.reshape(()))
+        else:
+          continue
+        data.setdefault(value.tag, {})[int(event.step)] = x
+  return {tag: (np.asarray(sorted(d), np.int64), np.asarray([d[s] for s in sorted(d)]))
+          for tag, d in data.items()}
+
+
+def loss_tags(scalars: Mapping[str, Any]) -> list[str]:
+  """The training loss terms among the scalar tags (`train_*` but learning rate, grad norm)."""
+  return sorted(t for t in scalars if t.startswith("train_")
+                and t not in ("train_lr", "train_grad_norm"))
+
+
+# ------------------------------------------------------------------------------ figures
+def memory_probs_figure(path: str, panels: Sequence[Mapping[str, Any]]) -> str:
+  """Heatmaps of matching probabilities (rows queries, sorted by their most likely item;
+  columns memory items) over bars of the mean usage per item. `panels`: dicts with `label`
+  and `spatial` (R, M) and / or `temporal` (R', N) arrays (None to leave one out)."""
+  cols = [(p["label"], name, np.asarray(p[name])) for p in panels
+          for name in ("spatial", "temporal") if p.get(name) is not None]
+  fig = _figure(2.6 * len(cols), 5.2)
+  grid = fig.add_gridspec(2, len(cols), height_ratios=(3, 1))
+  image = None
+  for c, (label, name, probs) in enumerate(cols):
+    order = np.lexsort((-probs.max(axis=1), probs.argmax(axis=1)))
+    ax = fig.add_subplot(grid[0, c])
+    image = ax.imshow(probs[order], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    ent = entropy(probs).mean() / np.log(probs.shape[1])
+    ax.set_title(f"{label}\n{name} memory\nentropy/log M = {ent:.2f}", fontsize=8)
+    ax.set_xticks(range(probs.shape[1]))
+    ax.tick_params(labelsize=6)
+    ax.set_ylabel("query", fontsize=7)
+    bar = fig.add_subplot(grid[1, c])
+    bar.bar(range(probs.shape[1]), probs.mean(axis=0), color="tab:blue")
+    bar.axhline(1.0 / probs.shape[1], color="k", lw=0.8, ls="--")
+    bar.set_xticks(range(probs.shape[1]))
+    bar.tick_params(labelsize=6)
+    bar.set_xlabel("memory item", fontsize=7)
+    bar.set_ylabel("mean usage", fontsize=7)
+  if image is not None:
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="matching probability")
+  return _save(fig, path)
+
+
+def norm_change_figure(path: str, frames: np.ndarray, change: np.ndarray,
+                       titles: Sequence[str]) -> str:
+  """frames uint8 (K, L, H, W, 3), change (K, L, h, w) = ||f_s|| - ||f_o||, upsampled over
+  each frame with a diverging colormap centred on 0 (blue: the memory lowered the norm)."""
+  k, length, height, width = frames.shape[:4]
+  lim = float(np.abs(change).max()) or 1.0
+  fig = _figure(1.1 * length + 1.0, 2.2 * k)
+  axes = fig.subplots(k, length, squeeze=False)
+  image = None
+  for r in range(k):
+    for c in range(length):
+      ax = axes[r, c]
+      ax.imshow(frames[r, c])
+      image = ax.imshow(change[r, c], cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6,
+                        interpolation="bilinear",
+                        extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c == 0:
+        ax.set_title(titles[r], fontsize=7, loc="left")
+  fig.colorbar(image, ax=fig.axes, shrink=0.7, label="||f_s|| - ||f_o||")
+  return _save(fig, path)
+
+
+def temporal_weights_figure(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
+  """One block per tracklet: its frames, and below them the temporal weight of each frame in
+  its clip (bars; dashed: uniform 1/L), distractor frames shaded red. `rows`: dicts with
+  `title`, `frames` uint8 (T, H, W, 3), `weights` (T,) (NaN where a frame is in no clip),
+  `flagged` (T,) bool, `seq_len`."""
+  fig = _figure(max(6.0, 0.45 * max(len(r["weights"]) for r in rows) + 1.0), 2.1 * len(rows))
+  grid = fig.add_gridspec(2 * len(rows), 1, height_ratios=(2, 1) * len(rows), hspace=0.15)
+  for i, row in enumerate(rows):
+    t = len(row["weights"])
+    montage = np.concatenate(list(row["frames"]), axis=1)
+    top = fig.add_subplot(grid[2 * i])
+    top.imshow(montage, extent=(-0.5, t - 0.5, 0, 2.0), aspect="auto")
+    top.set_xlim(-0.5, t - 0.5)
+    top.set_xticks([])
+    top.set_yticks([])
+    top.set_title(row["title"], fontsize=8, loc="left")
+    bottom = fig.add_subplot(grid[2 * i + 1], sharex=top)
+    for f in np.flatnonzero(row["flagged"]):
+      for ax in (top, bottom):
+        ax.axvspan(f - 0.5, f + 0.5, color="tab:red", alpha=0.25, lw=0)
+    bottom.bar(np.arange(t), np.nan_to_num(row["weights"]), color="tab:blue", width=0.7)
+    bottom.axhline(1.0 / row["seq_len"], color="k", lw=0.8, ls="--")
+    for b in range(row["seq_len"], t, row["seq_len"]):
+      bottom.axvline(b - 0.5, color="grey", lw=0.5)
+    bottom.set_ylim(0, max(1.0 / row["seq_len"] * 2, float(np.nanmax(row["weights"])) * 1.1))
+    bottom.set_ylabel("weight", fontsize=7)
+    bottom.tick_params(labelsize=6)
+  bottom.set_xlabel("frame (grey lines: clip boundaries; red: distractor frames)", fontsize=7)
+  return _save(fig, path)
+
+
+def curves_figure(path: str, runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                  steps_per_epoch: int | None = None) -> str:
+  """Loss terms (left) and mAP (right) over steps of one or more runs ({label: scalars})."""
+  fig = _figure(11.0, 3.8)
+  left, right = fig.subplots(1, 2)
+  styles = ("-", "--", ":", "-.")
+  for r, (label, scalars) in enumerate(runs.items()):
+    ls = styles[r % len(styles)]
+    for i, tag in enumerate(loss_tags(scalars)):
+      steps, values = scalars[tag]
+      left.plot(steps, values, ls, color=f"C{i}", lw=1.0,
+                label=f"{tag[len('train_'):]}" + (f" ({label})" if len(runs) > 1 else ""))
+    for i, tag in enumerate(sorted(t for t in scalars if t.endswith("_mAP"))):
+      steps, values = scalars[tag]
+      right.plot(steps, values, ls, marker="o", ms=3, color=f"C{i}",
+                 label=tag + (f" ({label})" if len(runs) > 1 else ""))
+  unit = f"step ({steps_per_epoch} steps / epoch)" if steps_per_epoch else "step"
+  left.set_title("training loss terms", fontsize=9)
+  right.set_title("mAP", fontsize=9)
+  for ax in (left, right):
+    ax.set_xlabel(unit, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6)
+  return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ figure steps
+def _memory_step(state, other, tracklets, config, mesh, out_dir, labels):
+  """Memory figure + numbers on the same random clips for the model and `other` (or None)."""
+  v = config.visualize
+  rng = _rng(v.seed, 0)
+  picks = np.sort(rng.choice(len(tracklets), size=min(v.memory_tracklets, len(tracklets)),
+                             replace=False))
+  chosen = [tracklets[i] for i in picks]
+  panels, numbers = [], {}
+  draws = None
+  for name, st in (("model", state), ("compare", other)):
+    if st is None:
+      continue
+    fwd = make_forward(st, mesh, maps=False)
+    t_idx, frames, out = run_clips(st, fwd, chosen, config, mesh)
+    first = first_clip_rows(t_idx)
+    entry: dict[str, Any] = {"label": labels[name]}
+    panel: dict[str, Any] = {"label": labels[name], "spatial": None, "temporal": None}
+    if "spatial_probs" in out:
+      sp = out["spatial_probs"]  # (R, L, h*w, M)
+      if draws is None:  # one random frame and location per tracklet, shared by both models
+        draws = (rng.integers(sp.shape[1], size=len(first)),
+                 rng.integers(sp.shape[2], size=len(first)))
+      rows = sp[first, draws[0], draws[1]]
+      panel["spatial"] = rows
+      entry["spatial"] = {
+          "rows": [{"tracklet": int(picks[t_idx[r]]), "frames": frames[r].tolist(),
+                    "frame": int(l), "location": int(loc), "probs": p.tolist()}
+                   for r, l, loc, p in zip(first, draws[0], draws[1], rows)],
+          "stats_sampled": memory_stats(rows),
+          "stats_all_locations": memory_stats(sp),
+      }
+    if "temporal_probs" in out:
+      tp = out["temporal_probs"]
+      panel["temporal"] = tp[first]
+      entry["temporal"] = {
+          "rows": [{"tracklet": int(picks[t_idx[r]]), "frames": frames[r].tolist(),
+                    "probs": tp[r].tolist()} for r in first],
+          "stats_sampled": memory_stats(tp[first]),
+          "stats_all_clips": memory_stats(tp),
+      }
+    panels.append(panel)
+    numbers[name] = entry
+  png = memory_probs_figure(os.path.join(out_dir, "memory_probs.png"), panels)
+  return png, numbers
+
+
+def _clean_person(meta: Mapping[str, Any] | None) -> bool:
+  """A sidecar entry of a real identity's tracklet without temporal distractors."""
+  return meta is not None and meta.get("kind") == "person" and not meta["distractors"]
+
+
+def _norm_change_step(state, tracklets, meta, load, config, mesh, out_dir):
+  v = config.visualize
+  rng = _rng(v.seed, 1)
+  length = int(config.data.seq_len)
+  clutter = camera_clutter(tracklets, load, rng)
+  picks: list[int] = []
+  for cam in sorted(clutter, key=lambda c: -clutter[c]):
+    cands = [i for i, t in enumerate(tracklets) if t.camid == cam and t.num_frames >= length
+             and t.pid >= 0 and (meta is None or _clean_person(meta[i]))]
+    need = v.num_tracklets - len(picks)
+    picks += [cands[j] for j in rng.permutation(len(cands))[:need]]
+    if len(picks) >= v.num_tracklets:
+      break
+  if not picks:
+    logging.warning("norm-change figure: no tracklet of >= %d frames; skipped", length)
+    return None, {"skipped": "no tracklet long enough"}
+  chosen = [tracklets[i] for i in picks]
+  fwd = make_forward(state, mesh, maps=True)
+  t_idx, frames, out = run_clips(state, fwd, chosen, config, mesh)
+  first = first_clip_rows(t_idx)
+  change = out["norm_change"][first]
+  images = np.stack([load(picks[t_idx[r]], frames[r]) for r in first])
+  titles = [f"pid {tracklets[i].pid}, camera {tracklets[i].camid} (clutter "
+            f"{clutter[tracklets[i].camid]:.3f}), frames {frames[r].tolist()}"
+            for i, r in zip(picks, first)]
+  png = norm_change_figure(os.path.join(out_dir, "norm_change.png"), images, change, titles)
+  numbers = {
+      "camera_clutter": {str(k): s for k, s in clutter.items()},
+      "tracklets": [{"tracklet": int(i), "frames": frames[r].tolist(),
+                     "mean_change": float(change[j].mean()),
+                     "min_change": float(change[j].min()), "max_change": float(change[j].max())}
+                    for j, (i, r) in enumerate(zip(picks, first))],
+  }
+  return png, numbers
+
+
+def _pick_weight_rows(tracklets, meta, rng, config) -> list[tuple[str, int]]:
+  """(kind, tracklet index) for each kind of WEIGHT_KINDS: tracklets carrying that distractor
+  (and no other) on some but not all of the frames shown, or no distractor at all ("none")."""
+  v, length = config.visualize, int(config.data.seq_len)
+  out = []
+  for kind in WEIGHT_KINDS:
+    cands = []
+    for i, (t, m) in enumerate(zip(tracklets, meta)):
+      if m is None or t.num_frames < 2 * length:
+        continue
+      if m.get("kind") != "person":
+        continue
+      if kind == "none":
+        ok = not m["distractors"]
+      else:
+        shown = np.asarray(m[kind][:v.max_frames], bool)
+        ok = m["distractors"] == [kind] and shown.any() and not shown.all()
+      if ok:
+        cands.append(i)
+    out += [(kind, cands[j]) for j in rng.permutation(len(cands))[:v.num_tracklets]]
+  return out
+
+
+def _temporal_step(state, tracklets, meta, load, config, mesh, out_dir):
+  """Frame weights over consecutive clips: distractor vs clean numbers and the figure."""
+  v, length = config.visualize, int(config.data.seq_len)
+  rng = _rng(v.seed, 2)
+  flagged_ids = [i for i, m in enumerate(meta) if m is not None]
+  fwd = make_forward(state, mesh, maps=False)
+  sub = [tracklets[i] for i in flagged_ids]
+  t_idx, frames, out = run_clips(state, fwd, sub, config, mesh, clips="consecutive")
+  t_idx = np.asarray(flagged_ids)[t_idx]
+  weights = out["frame_weights"]
+  stats = distractor_weight_stats(weights, frames, t_idx, meta)
+  rows, picked = [], []
+  for kind, i in _pick_weight_rows(tracklets, meta, rng, config):
+    shown = min(tracklets[i].num_frames, v.max_frames)
+    w = np.full(shown, np.nan)
+    clip_rows = []
+    for r in np.flatnonzero(t_idx == i):
+      clip_rows.append(r)
+      for j, f in enumerate(frames[r]):
+        if f < shown and np.isnan(w[f]) and real_positions(frames[r])[j]:
+          w[f] = weights[r, j]
+    flags = clip_flags(meta[i], np.arange(shown), "any")
+    rows.append({"title": f"{kind}: pid {tracklets[i].pid}, camera {tracklets[i].camid}, "
+                          f"{tracklets[i].num_frames} frames", "frames": load(i, range(shown)),
+                 "weights": w, "flagged": flags, "seq_len": length})
+    picked.append({"kind": kind, "tracklet": int(i),
+                   "clips": [frames[r].tolist() for r in clip_rows],
+                   "weights": [weights[r].tolist() for r in clip_rows]})
+  png = None
+  if rows:
+    png = temporal_weights_figure(os.path.join(out_dir, "temporal_weights.png"), rows)
+  else:
+    logging.warning("temporal-weights figure: no tracklet of >= %d frames with the wanted "
+                    "distractors; skipped", 2 * length)
+  return png, {"clips": "consecutive", "tracklets": picked, "distractor_vs_clean": stats}
+
+
+def _ranking_step(state, test_split, config, mesh, out_dir, topk):
+  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  v = config.visualize
+  query, gallery = list(test_split.query), list(test_split.gallery)
+  unique: dict[Any, int] = {}
+  for t in query + gallery:
+    unique.setdefault(t, len(unique))
+  feats = export.embed_tracklets(state, list(unique), config, mesh)
+  q = feats[[unique[t] for t in query]]
+  g = feats[[unique[t] for t in gallery]]
+  dist = evaluation.pairwise_distance(q, g, config.eval.distance)
+  g_pids = np.asarray([t.pid for t in gallery])
+  g_cams = np.asarray([t.camid for t in gallery])
+  rng = _rng(v.seed, 3)
+  picks = np.sort(rng.choice(len(query), size=min(v.num_queries, len(query)), replace=False))
+  ranked_dir = os.path.join(out_dir, "ranked")
+  os.makedirs(ranked_dir, exist_ok=True)
+  pngs, lists = [], []
+  for qi in picks:
+    t = query[qi]
+    idx = ranked_gallery(dist[qi], t.pid, t.camid, g_pids, g_cams, topk)
+    matches = [{"rank": r + 1, "gallery": int(gi), "pid": int(gallery[gi].pid),
+                "camera": int(gallery[gi].camid), "first_frame": gallery[gi].frames[0],
+                "distance": float(dist[qi, gi])} for r, gi in enumerate(idx)]
+    name = os.path.splitext(os.path.basename(t.frames[0]))[0]
+    pngs.append(retrieval.ranked_list_png(os.path.join(ranked_dir, f"{name}.png"), t.frames[0],
+                                          t.pid, matches, config.data.height, config.data.width))
+    lists.append({"query": int(qi), "pid": int(t.pid), "camera": int(t.camid),
+                  "matches": matches})
+  png = stack_pngs(pngs, os.path.join(out_dir, "ranked_lists.png")) if pngs else None
+  visrank = os.path.join(out_dir, "visrank")
+  if query and os.path.isfile(query[0].frames[0]):
+    folders = export_visrank(visrank, dist, query, gallery, topk, v.visrank_queries)
+  else:
+    logging.warning("visrank export skipped: frames are not files (config.data.source=%s)",
+                    config.data.get("source", "files"))
+    folders, visrank = [], None
+  return png, {"metric": config.eval.distance, "topk": topk, "queries": lists,
+               "visrank_dir": visrank, "visrank_queries": len(folders),
+               "ranked_pngs": pngs}
+
+
+def _curves_step(workdir, compare_workdir, labels, out_dir):
+  runs = {labels["model"]: read_scalars(workdir)}
+  if compare_workdir:
+    runs[labels["compare"]] = read_scalars(compare_workdir)
+  if not any(runs.values()):
+    logging.warning("curves: no TensorBoard scalars in %s; skipped", workdir)
+    return None, {"skipped": "no TensorBoard scalars"}
+  spe = None
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      spe = json.load(f).get("steps_per_epoch")
+  except (OSError, ValueError):
+    pass
+  png = curves_figure(os.path.join(out_dir, "curves.png"), runs, spe)
+  return png, {label: {"loss_tags": loss_tags(s),
+                       "mAP": {t: s[t][1].tolist() for t in s if t.endswith("_mAP")},
+                       "mAP_steps": {t: s[t][0].tolist() for t in s if t.endswith("_mAP")}}
+               for label, s in runs.items()}
+
+
+# ------------------------------------------------------------------------------ the mode
+@app.register_mode("visualize")
+def visualize_mode(
+    config: ml_collections.ConfigDict, workdir: str, split: str | None = None, topk: int = 0,
+    compare_workdir: str | None = None,
+) -> dict:
+  """Writes the figures of `workdir`'s best / latest checkpoint to `W/visualize/` (see the
+  module docstring); `compare_workdir` adds a second model (same architecture) to the memory
+  figure and the curves. Returns {"figures": {name: png}, "json": path, ...}."""
+  from stmn_jax import train  # pylint: disable=g-import-not-at-top
+  from stmn_jax.models import stmn  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() > 1:
+    raise ValueError("--mode=visualize runs in a single process (got "
+                     f"{jax.process_count()} processes)")
+  part = split or DEFAULT_PART
+  if part not in PARTS:
+    raise ValueError(f"--split={split!r}: expected one of {', '.join(PARTS)} (the part of the "
+                     "test split the tracklet figures draw from)")
+  topk = int(topk or config.visualize.topk)
+  if topk < 1:
+    raise ValueError(f"--topk={topk}: expected >= 1")
+  check_workdir(workdir, "--workdir")
+  if compare_workdir:
+    check_workdir(compare_workdir, "--compare_workdir")
+  train.check_config(config)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_config(config, mesh)
+  train_split, _, test_split, _ = train.load_data(config)
+  num_classes = len({t.pid for t in train_split.train})
+  state, label, step = export.restore_model(config, workdir, mesh, num_classes=num_classes)
+  other, other_label = None, None
+  if compare_workdir:
+    other, other_label, _ = export.restore_model(config, compare_workdir, mesh,
+                                                 num_classes=num_classes)
+  labels = {"model": os.path.basename(os.path.normpath(workdir)) or workdir,
+            "compare": os.path.basename(os.path.normpath(compare_workdir or "")) or "compare"}
+  if labels["compare"] == labels["model"]:  # e.g. .../stmn/seed0 vs .../stmn_nospread/seed0
+    labels = {k: "/".join(os.path.normpath(w).split(os.sep)[-2:]) for k, w in
+              (("model", workdir), ("compare", compare_workdir or "compare"))}
+  model = state.model()
+  is_stmn = isinstance(model, stmn.STMN)
+  has_sm, has_tm = is_stmn and model.use_spatial, is_stmn and model.use_temporal
+  out_dir = visualize_dir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  tracklets = list(test_split.part(part))
+  meta = synthetic_meta(config, tracklets)
+  load = FrameLoader(tracklets, config)
+  figures: dict[str, str | None] = {}
+  numbers: dict[str, Any] = {
+      "checkpoint": label, "step": step, "compare_workdir": compare_workdir,
+      "compare_checkpoint": other_label, "labels": labels, "split": part,
+      "num_tracklets": len(tracklets), "seq_len": int(config.data.seq_len),
+      "config": config.visualize.to_dict(),
+  }
+  if has_sm or has_tm:
+    figures["memory_probs"], numbers["memory"] = _memory_step(
+        state, other, tracklets, config, mesh, out_dir, labels)
+  else:
+    logging.info("memory figure skipped: %s has no memory", config.model.preset)
+  if has_sm:
+    figures["norm_change"], numbers["norm_change"] = _norm_change_step(
+        state, tracklets, meta, load, config, mesh, out_dir)
+  if has_tm and meta is not None:
+    figures["temporal_weights"], numbers["temporal_weights"] = _temporal_step(
+        state, tracklets, meta, load, config, mesh, out_dir)
+  elif has_tm:
+    logging.info("temporal-weights figure skipped: %s has no per-frame distractor flags "
+                 "(synthetic benchmark only)", config.dataset.name)
+  figures["ranked_lists"], numbers["ranking"] = _ranking_step(
+      state, test_split, config, mesh, out_dir, topk)
+  figures["curves"], numbers["curves"] = _curves_step(
+      workdir, compare_workdir, labels, out_dir)
+  figures = {k: p for k, p in figures.items() if p}
+  numbers["figures"] = figures
+  path = os.path.join(out_dir, "visualize.json")
+  with open(path, "w") as f:
+    json.dump(numbers, f, indent=1)
+  lines = [f"\nFigures of {workdir} ({label}) in {out_dir}:"]
+  lines += [f"  {name}: {png}" for name, png in figures.items()]
+  tw = numbers.get("temporal_weights", {}).get("distractor_vs_clean", {}).get("any")
+  if tw and tw["clips"]:
+    lines.append(f"  temporal weights in clips mixing both: distractor frames "
+                 f"{tw['mean_weight_flagged']:.4f}, clean frames {tw['mean_weight_clean']:.4f} "
+                 f"(uniform {tw['uniform']:.4f}, {tw['clips']} clips)")
+  for name, entry in numbers.get("memory", {}).items():
+    for mem in ("spatial", "temporal"):
+      if mem in entry:
+        s = entry[mem]["stats_all_locations" if mem == "spatial" else "stats_all_clips"]
+        lines.append(f"  {entry['label']} {mem} memory: entropy/log M "
+                     f"{s['normalized_entropy']:.3f}, usage perplexity "
+                     f"{s['usage_perplexity']:.2f} of {s['slots']}")
+  lines.append(f"  numbers: {path}")
+  print("\n".join(lines), flush=True)
+  return {"mode": "visualize", "checkpoint": label, "figures": figures, "json": path,
+          "out_dir": out_dir}
