@@ -427,16 +427,16 @@ STREAM_ABOVE = 100_000
 GalleryChunk = tuple[Any, Any, Any]
 
 
-def _order_key(d: jax.Array) -> jax.Array:
-  """float32 -> int32 keys ordered as `<` orders the (non-NaN) floats, with -0.0 == +0.0."""
-  d = jnp.where(d == 0, jnp.zeros_like(d), d)
-  bits = jax.lax.bitcast_convert_type(d, jnp.int32)
-  return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+def _ranked_value(d: jax.Array, skip: jax.Array) -> jax.Array:
+  """(Q, c) distances -> float32 values whose descending total order (lax.top_k's) is the
+  ascending distance order: -d with -0.0 == +0.0, and skipped items at -NaN, below -inf."""
+  neg_nan = jax.lax.bitcast_convert_type(jnp.int32(-1), jnp.float32)
+  return jnp.where(skip, neg_nan, -jnp.where(d == 0, jnp.zeros_like(d), d))
 
 
 def _removed_or_junk(gp: jax.Array, gc: jax.Array, qp: jax.Array, qc: jax.Array) -> jax.Array:
   """(c,) gallery pids / cams, (Q,) query pids / cams -> (Q, c) True where an item is not
-  ranked for that query: junk (pid -1, also the chunk padding) or same pid and same camera."""
+  ranked for that query: junk (pid -1, also padding and masked columns) or same pid and camera."""
   return (gp[None, :] == -1) | ((gp[None, :] == qp[:, None]) & (gc[None, :] == qc[:, None]))
 
 
@@ -450,9 +450,13 @@ def _local_distances(x: jax.Array, q: jax.Array | None, metric: str | None) -> j
 def _stream_kernels(mesh: Any, metric: str | None, topk: int):
   """The two jitted per-chunk kernels for a mesh, a metric (None: distance blocks) and k.
 
-  A chunk's rows are split over the mesh's 'data' axis (shard_map): each device computes the
-  distances to its own consecutive columns, so a device's column j is chunk column
-  axis_index * c + j and global gallery index base + that.
+  A chunk's gallery rows are split over the mesh's 'data' axis (shard_map): each device
+  computes the distances to its own consecutive columns. Every column carries its global
+  gallery index `gidx` (ties are broken by it), pid and camera (pid -1: not ranked).
+  - `match_distances(x, q, pair_q, pair_col) -> (any NaN, (devices * m,) per-device dm)`: the
+    distance of each (query, chunk column) pair, read on the device that holds the column;
+  - `count(before, top_v, top_i, x, gp, gc, gidx, q, qp, qc, pair_q, pair_dm, pair_im)
+    -> (before + the chunk's items ahead of each pair's match, merged running top-k, any NaN)`.
   """
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
@@ -462,75 +466,60 @@ def _stream_kernels(mesh: Any, metric: str | None, topk: int):
   x_spec = P(ax, None) if metric is not None else P(None, ax)
   rep = P()
 
-  def columns(d):
-    c = d.shape[1]
-    offset = jax.lax.axis_index(ax) * c
-    return offset, offset + jnp.arange(c, dtype=jnp.int32)
-
-  def pass1_local(x, gp, gc, n_real, base, q, qp, qc, pair_q, pair_col, top_key, top_idx,
-                  top_dist):
-    d = _local_distances(x, q, metric)
-    c = d.shape[1]
-    offset, col = columns(d)
-    real = col < n_real
-    bad = jnp.isnan(d).any(axis=0)
+  def any_bad(d, x):
+    bad = jnp.isnan(d).any()
     if metric is not None:
-      bad = bad | ~jnp.isfinite(x).all(axis=1)
-    bad = bad & real
-    local = pair_col - offset
-    mine = (local >= 0) & (local < c)
-    dm = jnp.where(mine, d[pair_q, jnp.clip(local, 0, c - 1)], 0.0)
-    if topk:
-      skip = _removed_or_junk(gp, gc, qp, qc) | ~real[None, :]
-      key = jnp.where(skip, _INT32.max, _order_key(d))
-      neg, j = jax.lax.top_k(~key, min(topk, c))  # smallest keys, ties: lower column first
-      idx = base + offset + j
-      dist = jnp.take_along_axis(d, j, axis=1)
-      gather = lambda v: jax.lax.all_gather(v, ax, axis=1, tiled=True)  # device = column order
-      # Running entries first: they have lower gallery indices than this chunk's.
-      cand = jnp.concatenate([~top_key, gather(neg)], axis=1)
-      best, sel = jax.lax.top_k(cand, topk)
-      top_key = ~best
-      top_idx = jnp.take_along_axis(jnp.concatenate([top_idx, gather(idx)], axis=1), sel, axis=1)
-      top_dist = jnp.take_along_axis(
-          jnp.concatenate([top_dist, gather(dist)], axis=1), sel, axis=1)
-    return bad, dm, top_key, top_idx, top_dist
+      bad = bad | ~jnp.isfinite(x).all()
+    return jax.lax.pmax(bad.astype(jnp.int32), ax) > 0
 
-  def pass2_local(x, gp, gc, base, q, qp, qc, pair_q, pair_dm, pair_im):
+  def dm_local(x, q, pair_q, pair_col):
     d = _local_distances(x, q, metric)
-    _, col = columns(d)
-    gidx = base + col
+    c = d.shape[1]
+    local = pair_col - jax.lax.axis_index(ax) * c
+    mine = (local >= 0) & (local < c)
+    return any_bad(d, x), jnp.where(mine, d[pair_q, jnp.clip(local, 0, c - 1)], 0.0)
+
+  def count_local(x, gp, gc, gidx, q, qp, qc, pair_q, pair_dm, pair_im, top_v, top_i):
+    d = _local_distances(x, q, metric)
+    bad = any_bad(d, x)
+    skip = _removed_or_junk(gp, gc, qp, qc)
+    if topk:
+      v, j = jax.lax.top_k(_ranked_value(d, skip), min(topk, d.shape[1]))  # ties: lower column
+      gather = lambda a: jax.lax.all_gather(a, ax, axis=1, tiled=True)  # device = column order
+      # Running entries first: they come from earlier columns (lower gallery indices).
+      v, sel = jax.lax.top_k(jnp.concatenate([top_v, gather(v)], axis=1), topk)
+      top_i = jnp.take_along_axis(
+          jnp.concatenate([top_i, gather(jnp.take(gidx, j))], axis=1), sel, axis=1)
+      top_v = v
     # NaN never compares true: junk, padding and removed items never come before a match.
-    d = jnp.where(_removed_or_junk(gp, gc, qp, qc), jnp.nan, d)
+    d = jnp.where(skip, jnp.nan, d)
 
     def step(args):
       r, dm, im = args  # (s,) each
       rows = jnp.take(d, r, axis=0)  # (s, c)
-      before = (rows < dm[:, None]) | ((rows == dm[:, None]) & (gidx[None, :] < im[:, None]))
+      ahead = (rows < dm[:, None]) | ((rows == dm[:, None]) & (gidx[None, :] < im[:, None]))
       # float32 sum is exact (c < 2^24) and takes XLA:CPU's fast reduction path.
-      return jnp.sum(before.astype(jnp.float32), axis=1).astype(jnp.int32)
+      return jnp.sum(ahead.astype(jnp.float32), axis=1).astype(jnp.int32)
 
     p, s = pair_q.shape[0], _ROWS_PER_STEP
     counts = jax.lax.map(step, (pair_q.reshape(p // s, s), pair_dm.reshape(p // s, s),
                                 pair_im.reshape(p // s, s)))
-    return jax.lax.psum(counts.reshape(p), ax)
+    return jax.lax.psum(counts.reshape(p), ax), top_v, top_i, bad
 
-  q_spec = rep
-  pass1 = jax.jit(jax.shard_map(
-      pass1_local, mesh=mesh,
-      in_specs=(x_spec, P(ax), P(ax), rep, rep, q_spec, rep, rep, rep, rep, rep, rep, rep),
-      out_specs=(P(ax), P(ax), rep, rep, rep), check_vma=False,
-  ))
+  match_distances = jax.jit(jax.shard_map(
+      dm_local, mesh=mesh, in_specs=(x_spec, rep, rep, rep), out_specs=(rep, P(ax)),
+      check_vma=False))
 
   @jax.jit
-  def pass2(counts, *args):
-    return counts + jax.shard_map(
-        pass2_local, mesh=mesh,
-        in_specs=(x_spec, P(ax), P(ax), rep, q_spec, rep, rep, rep, rep, rep),
-        out_specs=rep, check_vma=False,
-    )(*args)
+  def count(before, top_v, top_i, x, gp, gc, gidx, q, qp, qc, pair_q, pair_dm, pair_im):
+    ahead, top_v, top_i, bad = jax.shard_map(
+        count_local, mesh=mesh,
+        in_specs=(x_spec, P(ax), P(ax), P(ax), rep, rep, rep, rep, rep, rep, rep, rep),
+        out_specs=(rep, rep, rep, rep), check_vma=False,
+    )(x, gp, gc, gidx, q, qp, qc, pair_q, pair_dm, pair_im, top_v, top_i)
+    return before + ahead, top_v, top_i, bad
 
-  return pass1, pass2
+  return match_distances, count
 
 
 def _check_ids(name: str, x: Any, n: int | None, where: str) -> np.ndarray:
@@ -672,14 +661,41 @@ def _chunk_rows(gallery_chunk: int | None, num_q: int, num_devices: int,
   return _round_up(c, num_devices)
 
 
+def _bad_rows(x: np.ndarray, q: np.ndarray | None, metric: str | None, axis: int) -> np.ndarray:
+  """Error path: the gallery rows of a chunk with non-finite features or NaN distances."""
+  if metric is None:
+    return np.flatnonzero(np.isnan(x).any(axis=0))
+  bad = ~np.isfinite(x).all(axis=1)
+  if not bad.any():
+    bad = np.isnan(pairwise_distance(q, x, metric, chunk_size=None)).any(axis=0)
+  return np.flatnonzero(bad)
+
+
+def _fingerprint(pids: np.ndarray, cams: np.ndarray) -> tuple[int, int]:
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  return pids.size, zlib.crc32(pids.tobytes() + cams.tobytes())
+
+
 def _rank_stream(
     source: Callable[[], Iterable[Any]], q: np.ndarray | None, q_pids: np.ndarray,
     q_cams: np.ndarray, *, metric: str | None, other: int, chunk: int, max_rank: int, ap: str,
     topk: int, mesh: Any, what: str,
 ) -> dict:
-  """The two passes shared by `rank_streaming` (features) and `rank_distance_blocks`."""
-  import zlib  # pylint: disable=g-import-not-at-top
+  """The passes shared by `rank_streaming` (features) and `rank_distance_blocks`.
 
+  1. Scan (no distances): find every (query, true match) pair from the chunks' pids and keep a
+     copy of the rows of the gallery items that are someone's true match (the "match rows",
+     at most Q x max matches of them, in gallery order).
+  2. Match blocks: the match rows, cut into chunks of the same shape, go through the distance
+     kernel; each pair's distance dm is read from the block that holds its match.
+  3. Count: the match blocks again (same kernel, same input: the same values), then every
+     gallery chunk once with its match rows masked out (they are ranked through the match
+     blocks), counting per pair the ranked items ahead of the match and merging the top-k.
+  So every (query, gallery item) distance that takes part in the ranking is computed by one
+  kernel call on one input (the match blocks' twice, deterministically), and all comparisons
+  see the same float32 values: the counts are exact for those values.
+  """
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -687,92 +703,125 @@ def _rank_stream(
   ax = sharding.DATA_AXIS
   axis = 0 if metric is not None else 1
   num_q = q_pids.size
-  pass1, pass2 = _stream_kernels(mesh, metric, topk)
+  match_distances, count = _stream_kernels(mesh, metric, topk)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
   x_spec = P(ax, None) if axis == 0 else P(None, ax)
   qd = put(q, P()) if q is not None else None
   qp_d, qc_d = put(q_pids, P()), put(q_cams, P())
 
-  def device_chunk(x, pids, cams):
+  def device_chunk(x, pids, cams, gidx):
     return (put(_pad_to(x, chunk, axis), x_spec), put(_pad_to(pids, chunk, 0, -1), P(ax)),
-            put(_pad_to(cams, chunk, 0, -1), P(ax)))
+            put(_pad_to(cams, chunk, 0, -1), P(ax)), put(_pad_to(gidx, chunk, 0, -1), P(ax)))
 
-  # Pass 1: each true match's own distance (from the block that holds it), the running top-k,
-  # NaN checks, and a fingerprint of every chunk to check that pass 2 reads the same gallery.
+  def check(bad, x, start, gidx):
+    if bool(bad):
+      rows = gidx[_bad_rows(x, q, metric, axis)]
+      cause = "non-finite feature values or NaN distances" if metric else "NaN distances"
+      raise ValueError(f"{what}: {cause} at gallery row(s) {rows[:10].tolist()} "
+                       f"({rows.size} in the chunk from row {start})")
+
+  # 1. Scan.
   order = np.argsort(q_pids, kind="stable")
   sorted_qp = q_pids[order]
-  found_q, found_g, found_d, prints = [], [], [], []
-  top = (put(np.full((num_q, topk), _INT32.max, np.int32), P()),
-         put(np.full((num_q, topk), -1, np.int32), P()),
-         put(np.full((num_q, topk), np.inf, np.float32), P())) if topk else (None,) * 3
+  found_q, found_g, prints, rows = [], [], [], []
   num_g = 0
   for start, x, pids, cams in _checked_chunks(source(), axis, other, chunk, what):
     if start + chunk > _INT32.max:
       raise ValueError(f"{what}: more than {_INT32.max - chunk} gallery items are not supported")
-    n = pids.size
-    prints.append((n, zlib.crc32(pids.tobytes() + cams.tobytes())))
+    prints.append(_fingerprint(pids, cams))
     mq, mg = _find_matches(start, pids, cams, order, sorted_qp, q_cams)
-    m = _next_pow2(mq.size, _STREAM_MIN_PAIRS)
-    pair_q = _pad_to(mq.astype(np.int32), m, 0)
-    pair_col = _pad_to((mg - start).astype(np.int32), m, 0)
-    bad, dm, *top = pass1(*device_chunk(x, pids, cams), np.int32(n), np.int32(start), qd, qp_d,
-                          qc_d, pair_q, pair_col, *top)
-    bad = np.flatnonzero(np.asarray(bad))
-    if bad.size:
-      cause = "non-finite feature values or NaN distances" if metric else "NaN distances"
-      raise ValueError(f"{what}: {cause} at gallery row(s) {(start + bad[:10]).tolist()} "
-                       f"({bad.size} in rows {start}..{start + n - 1})")
     if mq.size:
-      dm = np.asarray(dm).reshape(mesh.size, m)
-      owner = (mg - start) // (chunk // mesh.size)
+      cols = np.unique(mg - start)
       found_q.append(mq)
       found_g.append(mg)
-      found_d.append(dm[owner, np.arange(mq.size)])
-    num_g = start + n
+      rows.append((np.take(x, cols, axis=axis), pids[cols], cams[cols], start + cols))
+    num_g = start + pids.size
   if num_g == 0:
     raise ValueError(f"{what}: the gallery is empty")
-
-  pair_q = np.concatenate(found_q) if found_q else np.zeros(0, np.int64)
-  pair_g = np.concatenate(found_g) if found_g else np.zeros(0, np.int64)
-  pair_dm = np.concatenate(found_d) if found_d else np.zeros(0, np.float32)
-  counts = np.bincount(pair_q, minlength=num_q)
-  if not counts.any():
+  if not found_q:
     raise ValueError(f"none of the {num_q} queries has a true match in the gallery "
                      "(same pid, other camera, pid != -1)")
+  pair_q, pair_g = np.concatenate(found_q), np.concatenate(found_g)
   srt = np.lexsort((pair_g, pair_q))  # query order, then gallery order (as `rank`)
-  pair_q, pair_g, pair_dm = pair_q[srt], pair_g[srt], pair_dm[srt]
+  pair_q, pair_g = pair_q[srt], pair_g[srt]
+  counts = np.bincount(pair_q, minlength=num_q)
   slot = np.arange(pair_q.size) - np.repeat(np.cumsum(counts) - counts, counts)
+  m_x = np.concatenate([r[0] for r in rows], axis=axis)
+  m_pids, m_cams, m_gidx = (np.concatenate([r[i] for r in rows]) for i in (1, 2, 3))
+  m_gidx = m_gidx.astype(np.int32)
+  del rows
+  part = (slice(None),) * axis
+  match_blocks = [
+      (b, m_x[part + (slice(b, b + chunk),)], m_pids[b:b + chunk], m_cams[b:b + chunk],
+       m_gidx[b:b + chunk]) for b in range(0, m_gidx.size, chunk)]
 
-  # Pass 2: for every pair, count the chunk's ranked items that come before its match.
+  # 2. Each pair's own distance, from the match block that holds its match.
+  pos = np.searchsorted(m_gidx, pair_g)
+  pair_dm = np.zeros(pair_q.size, np.float32)
+  for b, x, pids, cams, gidx in match_blocks:
+    inside = np.flatnonzero((pos >= b) & (pos < b + chunk))
+    m = _next_pow2(inside.size, _STREAM_MIN_PAIRS)
+    bad, dm = match_distances(
+        device_chunk(x, pids, cams, gidx)[0], qd,
+        _pad_to(pair_q[inside].astype(np.int32), m, 0),
+        _pad_to((pos[inside] - b).astype(np.int32), m, 0))
+    check(bad, x, int(gidx[0]), gidx)
+    owner = (pos[inside] - b) // (chunk // mesh.size)
+    pair_dm[inside] = np.asarray(dm).reshape(mesh.size, m)[owner, np.arange(inside.size)]
+
+  # 3. Count (and the top-k: one running list for the match blocks, one for the gallery chunks,
+  # each fed in gallery order so that lax.top_k's lower-position-first keeps index order).
   total = pair_q.size
   padded = _round_up(total, _ROWS_PER_STEP)
-  dev_pairs = (put(_pad_to(pair_q.astype(np.int32), padded, 0), P()),
-               put(_pad_to(pair_dm.astype(np.float32), padded, 0, np.nan), P()),
-               put(_pad_to(pair_g.astype(np.int32), padded, 0), P()))
+  pairs = (put(_pad_to(pair_q.astype(np.int32), padded, 0), P()),
+           put(_pad_to(pair_dm, padded, 0, np.nan), P()),
+           put(_pad_to(pair_g.astype(np.int32), padded, 0), P()))
   before = put(np.zeros(padded, np.int32), P())
-  previous, i = None, -1
-  for i, (start, x, pids, cams) in enumerate(_checked_chunks(source(), axis, other, chunk, what)):
-    fingerprint = (pids.size, zlib.crc32(pids.tobytes() + cams.tobytes()))
-    if i >= len(prints) or prints[i] != fingerprint:
-      raise ValueError(f"{what}: the gallery changed between the two passes (chunk {i} from row "
-                       f"{start}); a callable gallery must return the same chunks every call")
-    before = pass2(before, *device_chunk(x, pids, cams), np.int32(start), qd, qp_d, qc_d,
-                   *dev_pairs)
-    if previous is not None:  # at most two chunks in flight: memory stays bounded
-      previous.block_until_ready()
-    previous = before
-  if i + 1 != len(prints):
-    raise ValueError(f"{what}: the gallery changed between the two passes ({len(prints)} chunks, "
-                     f"then {i + 1}); a callable gallery must return the same chunks every call")
+  neg_nan = np.array(-1, np.int32).view(np.float32)
+  empty_top = lambda: (put(np.full((num_q, topk), neg_nan, np.float32), P()),
+                       put(np.full((num_q, topk), -1, np.int32), P()))
+  tops = [empty_top(), empty_top()]
+
+  def stream():
+    for _, x, pids, cams, gidx in match_blocks:
+      yield 0, x, pids, cams, gidx
+    i = -1
+    for i, (start, x, pids, cams) in enumerate(
+        _checked_chunks(source(), axis, other, chunk, what)):
+      if i >= len(prints) or prints[i] != _fingerprint(pids, cams):
+        raise ValueError(f"{what}: the gallery changed between passes (chunk {i} from row "
+                         f"{start}); a callable gallery must return the same chunks every call")
+      gidx = np.arange(start, start + pids.size, dtype=np.int32)
+      lo, hi = np.searchsorted(m_gidx, [start, start + pids.size])
+      pids = pids.copy()
+      pids[m_gidx[lo:hi] - start] = -1  # match rows: ranked in the match blocks
+      yield 1, x, pids, cams, gidx
+    if i + 1 != len(prints):
+      raise ValueError(f"{what}: the gallery changed between passes ({len(prints)} chunks, then "
+                       f"{i + 1}); a callable gallery must return the same chunks every call")
+
+  pending = None
+  for which, x, pids, cams, gidx in stream():
+    before, top_v, top_i, bad = count(
+        before, *tops[which], *device_chunk(x, pids, cams, gidx), qd, qp_d, qc_d, *pairs)
+    tops[which] = (top_v, top_i)
+    if pending is not None:  # at most two chunks in flight: memory stays bounded
+      check(*pending)
+    pending = (bad, x, int(gidx[0]), gidx)
+  check(*pending)
   positions = np.asarray(before)[:total].astype(np.int64)
   results = _results_from_positions(
       pair_q, slot, positions, counts, max(int(counts.max()), 1), num_g, max_rank, ap)
   results["num_gallery"] = int(num_g)
   if topk:
-    key, idx, dist = (np.asarray(t) for t in top)
-    empty = key == _INT32.max
-    results["topk_index"] = np.where(empty, -1, idx).astype(np.int64)
-    results["topk_distance"] = np.where(empty, np.inf, dist).astype(np.float32)
+    dist = -np.concatenate([np.asarray(t[0]) for t in tops], axis=1)  # NaN: no item
+    idx = np.concatenate([np.asarray(t[1]) for t in tops], axis=1).astype(np.int64)
+    empty = np.isnan(dist)
+    sel = np.lexsort((idx, np.where(empty, 0.0, dist), empty), axis=1)[:, :topk]
+    empty = np.take_along_axis(empty, sel, axis=1)
+    results["topk_index"] = np.where(empty, -1, np.take_along_axis(idx, sel, axis=1))
+    results["topk_distance"] = np.where(
+        empty, np.inf, np.take_along_axis(dist, sel, axis=1)).astype(np.float32)
   return results
 
 
