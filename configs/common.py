@@ -27,7 +27,9 @@ MODEL_PRESETS: dict[str, dict] = {
     "sta": dict(name="sta"),
 }
 
-OPTION_WORDS = ("smoke",)
+# Option words. `smoke` works for every dataset config; the others only for a dataset config
+# that passes a function for them to `build(..., options=...)` (e.g. `ablation` in synthetic.py).
+OPTION_WORDS = ("smoke", "ablation")
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
@@ -92,13 +94,28 @@ def build(
     arg: str | None,
     dataset: Callable[[ml_collections.ConfigDict], None],
     smoke_dataset: Callable[[ml_collections.ConfigDict], None] | None = None,
+    options: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None,
 ) -> ml_collections.ConfigDict:
-  """The paper's defaults, then the dataset's settings, then the words of `arg`."""
-  model, options = parse_arg(arg)
+  """The paper's defaults, then the dataset's settings, then the words of `arg`.
+
+  `options` maps dataset-specific option words (other than `smoke`) to the function that applies
+  them, after the model preset; a word this dataset config does not define raises a ValueError.
+  """
+  model, words = parse_arg(arg)
+  options = options or {}
+  unsupported = sorted(w for w in words if w != "smoke" and w not in options)
+  if unsupported:
+    raise ValueError(
+        f"config word(s) {unsupported} are not defined for this dataset config "
+        f"(it defines: {', '.join(['smoke', *options]) })"
+    )
   config = default.get_config()
   dataset(config)
   apply_model_preset(config, model)
-  if "smoke" in options:
+  for word in options:
+    if word in words:
+      options[word](config)
+  if "smoke" in words:
     apply_smoke(config)
     if smoke_dataset is not None:
       smoke_dataset(config)
