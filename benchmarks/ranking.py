@@ -8,6 +8,18 @@ distractor group (3,248 tracklets) in the gallery over 6 cameras, ~12.7 tracklet
 every query also in the gallery (so 4-20 true matches per query). Distances: cosine, float32.
 Checks that both rankings give identical results, prints both times (JAX compile apart), the
 speed-up and peak memory, and ends with one JSON line.
+
+Scaling of the streamed ranking (`stmn_jax.evaluation.rank_streaming`, issue #8):
+
+    python -m benchmarks.ranking --scaling [--sizes=1e4,1e5,1e6 --dims=128,2048 --queries=2000]
+                                           [--gallery_chunk=N --topk=10 --no_isolate]
+
+2,000 queries against generated galleries (`SyntheticGallery`: chunks made on the fly from
+(seed, chunk index), never held whole; 8 tracklets per identity, every 10th item a pid-0
+distractor), cosine, running top-10. Each (dim, size) runs in a fresh process and prints wall
+time without compilation (compile time apart, generation time included and shown), seconds per
+10^5 gallery items, peak RSS growth and the distance kernel's GFLOP/s; then time and memory
+ratios between consecutive sizes; last line one JSON object.
 """
 
 from __future__ import annotations
@@ -88,9 +100,187 @@ def same_results(a: dict, b: dict) -> bool:
   )
 
 
+# ------------------------------------------------------------------------------ scaling
+TRACKLETS_PER_ID = 8  # consecutive gallery items share an identity
+DISTRACTOR_EVERY = 10  # every 10th gallery item is a pid-0 distractor
+SIGNAL = 0.6  # identity centre weight (noise has unit variance per dimension)
+CENTRE_BANK = 1024  # centre(pid) = bank1[pid % B] + bank2[(pid // B) % B]: B^2 distinct centres
+
+
+class SyntheticGallery:
+  """A gallery generated chunk by chunk, deterministically from (seed, chunk index): never held.
+
+  Item i: pid 0 when i % 10 == 9 (distractor), else 1 + i // 8; camera i % cams; features
+  SIGNAL x centre(pid) + N(0, 1) noise (distractors: noise only). Calling the object returns a
+  fresh iterator of (feats, pids, camids) chunks (what `rank_streaming` reads twice).
+  """
+
+  def __init__(self, size: int, dim: int, chunk: int, seed: int, cams: int):
+    self.size, self.dim, self.chunk, self.seed, self.cams = size, dim, chunk, seed, cams
+    rng = np.random.default_rng([seed, 0])
+    self.bank = rng.standard_normal((2, CENTRE_BANK, dim), dtype=np.float32) * SIGNAL
+    self.generate_s = 0.0
+
+  def ids(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pids = np.where(index % DISTRACTOR_EVERY == DISTRACTOR_EVERY - 1, 0,
+                    1 + index // TRACKLETS_PER_ID)
+    return pids.astype(np.int32), (index % self.cams).astype(np.int32)
+
+  def centres(self, pids: np.ndarray) -> np.ndarray:
+    c = self.bank[0][pids % CENTRE_BANK] + self.bank[1][(pids // CENTRE_BANK) % CENTRE_BANK]
+    c[pids == 0] = 0.0
+    return c
+
+  def chunk_at(self, c: int):
+    t = time.perf_counter()
+    index = np.arange(c * self.chunk, min((c + 1) * self.chunk, self.size))
+    pids, cams = self.ids(index)
+    feats = np.random.default_rng([self.seed, 1, c]).standard_normal(
+        (index.size, self.dim), dtype=np.float32)
+    feats += self.centres(pids)
+    self.generate_s += time.perf_counter() - t
+    return feats, pids, cams
+
+  def __call__(self):
+    return (self.chunk_at(c) for c in range(-(-self.size // self.chunk)))
+
+  def queries(self, num_q: int):
+    """New noisy tracklets of num_q identities spread over the gallery; each query's camera is
+    that of one of its identity's gallery items (removed as same-camera), so the other-camera
+    items of the identity are its true matches."""
+    real = np.linspace(0, self.size - 1, num_q * 2).astype(np.int64)
+    pids, cams = self.ids(real)
+    keep = np.flatnonzero(pids > 0)[:num_q]
+    pids, cams = pids[keep], cams[keep]
+    rng = np.random.default_rng([self.seed, 2])
+    feats = rng.standard_normal((pids.size, self.dim), dtype=np.float32) + self.centres(pids)
+    return feats, pids, cams
+
+
+class CompileTime:
+  """Seconds JAX spent tracing, lowering and compiling while inside the block."""
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+  _total = 0.0
+  _registered = False
+
+  def __enter__(self):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if not CompileTime._registered:
+      jax.monitoring.register_event_duration_secs_listener(CompileTime._listen)
+      CompileTime._registered = True
+    self.start = CompileTime._total
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = CompileTime._total - self.start
+
+  @staticmethod
+  def _listen(event, duration, **kwargs):
+    if event in CompileTime.EVENTS:
+      CompileTime._total += duration
+
+
+def distance_gflops(num_q: int, chunk: int, dim: int, repeats: int = 3) -> float:
+  """GFLOP/s of the ranking's distance kernel alone on one (Q, D) x (chunk, D) block."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  q = jax.device_put(rng.standard_normal((num_q, dim), dtype=np.float32))
+  g = jax.device_put(rng.standard_normal((chunk, dim), dtype=np.float32))
+  evaluation._distance_block(q, g, "cosine").block_until_ready()  # pylint: disable=protected-access
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    evaluation._distance_block(q, g, "cosine").block_until_ready()  # pylint: disable=protected-access
+    times.append(time.perf_counter() - t)
+  return 2.0 * num_q * chunk * dim / min(times) / 1e9
+
+
+def scaling_one(size: int, dim: int, num_q: int, chunk: int | None, topk: int, seed: int,
+                cams: int) -> dict:
+  """One streamed ranking of num_q queries against a generated gallery of `size` items."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  if chunk is None:
+    chunk = evaluation._chunk_rows(None, num_q, jax.device_count(), None)  # pylint: disable=protected-access
+  gallery = SyntheticGallery(size, dim, chunk, seed, cams)
+  q, q_pids, q_cams = gallery.queries(num_q)
+  with PeakRSS() as mem, CompileTime() as comp:
+    t = time.perf_counter()
+    res = evaluation.rank_streaming(q, q_pids, q_cams, gallery, metric="cosine",
+                                    gallery_chunk=chunk, topk=topk)
+    wall = time.perf_counter() - t
+  gflops = distance_gflops(num_q, chunk, dim)
+  run_s = wall - comp.seconds
+  return {
+      "gallery": size, "dim": dim, "queries": int(q_pids.size), "gallery_chunk": chunk,
+      "wall_s": round(run_s, 3), "compile_s": round(comp.seconds, 3),
+      "generate_s": round(gallery.generate_s, 3),
+      "rank_s": round(run_s - gallery.generate_s, 3),
+      "s_per_1e5": round(run_s / size * 1e5, 3),
+      "peak_rss_growth_mb": round(mem.growth / 2**20, 1),
+      "distance_gflops": round(gflops, 1),
+      # The distance kernel runs once per gallery chunk, twice per match block.
+      "distance_s_est": round(2.0 * q_pids.size * size * dim / gflops / 1e9, 3),
+      "R1": float(res["cmc"][0]), "mAP": res["mAP"], "num_gallery": res["num_gallery"],
+      "num_valid_queries": res["num_valid_queries"],
+  }
+
+
+def scaling(sizes, dims, num_q=2000, chunk=None, topk=10, seed=0, cams=6,
+            isolate=True) -> dict:
+  """`scaling_one` for every (dim, size), each in a fresh process when `isolate` (so that the
+  peak RSS of one run does not hide in memory an earlier run left allocated)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  runs = []
+  for dim in dims:
+    for size in sizes:
+      if isolate:
+        args = [sys.executable, "-m", "benchmarks.ranking", "--scaling_one",
+                f"--sizes={size}", f"--dims={dim}", f"--queries={num_q}", f"--topk={topk}",
+                f"--seed={seed}", f"--cams={cams}"]
+        if chunk:
+          args.append(f"--gallery_chunk={chunk}")
+        out = subprocess.run(args, check=True, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+      else:
+        run = scaling_one(size, dim, num_q, chunk, topk, seed, cams)
+      runs.append(run)
+      print(f"dim {dim:5d}  gallery {size:>9,}: {run['wall_s']:8.2f} s (compile "
+            f"{run['compile_s']:.2f} s apart; generating {run['generate_s']:.2f} s), "
+            f"{run['s_per_1e5']:.3f} s per 1e5, peak RSS +{run['peak_rss_growth_mb']} MB, "
+            f"distance {run['distance_gflops']} GFLOP/s; R1 {100 * run['R1']:.1f} "
+            f"mAP {100 * run['mAP']:.1f}", flush=True)
+  checks = []
+  for dim in dims:
+    by_size = {r["gallery"]: r for r in runs if r["dim"] == dim}
+    ordered = sorted(by_size)
+    for small, big in zip(ordered, ordered[1:]):
+      a, b = by_size[small], by_size[big]
+      check = {"dim": dim, "sizes": [small, big], "size_ratio": big / small,
+               "time_ratio": round(b["wall_s"] / a["wall_s"], 2),
+               "memory_ratio": round(max(b["peak_rss_growth_mb"], 1.0)
+                                     / max(a["peak_rss_growth_mb"], 1.0), 2)}
+      checks.append(check)
+      print(f"dim {dim}: gallery x{check['size_ratio']:g} -> time x{check['time_ratio']}, "
+            f"peak memory x{check['memory_ratio']}")
+  return {"scaling": runs, "checks": checks, "load_average": list(os.getloadavg())}
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(prog="python -m benchmarks.ranking")
-  p.add_argument("--queries", type=int, default=1980)
+  p.add_argument("--queries", type=int, default=None, help="default 1980 (2000 with --scaling)")
   p.add_argument("--gallery", type=int, default=11310)
   p.add_argument("--dim", type=int, default=2048)
   p.add_argument("--ids", type=int, default=634)
@@ -101,7 +291,31 @@ def main(argv=None) -> dict:
   p.add_argument("--chunk_size", type=int, default=2048)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scaling", action="store_true",
+                 help="streamed ranking: --queries (default 2000 here) against generated galleries "
+                      "of --sizes items at --dims")
+  p.add_argument("--scaling_one", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--sizes", default="1e4,1e5,1e6", help="gallery sizes for --scaling")
+  p.add_argument("--dims", default="128,2048", help="feature dims for --scaling")
+  p.add_argument("--gallery_chunk", type=int, default=None,
+                 help="--scaling: gallery rows per chunk (default: rank_streaming's)")
+  p.add_argument("--topk", type=int, default=10, help="--scaling: running top-k size")
+  p.add_argument("--no_isolate", action="store_true",
+                 help="--scaling: run every size in this process (peak RSS less meaningful)")
   args = p.parse_args(argv)
+  if args.scaling or args.scaling_one:
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    dims = [int(d) for d in args.dims.split(",")]
+    num_q = args.queries or 2000
+    if args.scaling_one:
+      summary = scaling_one(sizes[0], dims[0], num_q, args.gallery_chunk, args.topk, args.seed,
+                            args.cams)
+    else:
+      summary = scaling(sizes, dims, num_q, args.gallery_chunk, args.topk, args.seed, args.cams,
+                        isolate=not args.no_isolate)
+    print(json.dumps(summary))
+    return summary
+  args.queries = args.queries or 1980
 
   from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
 
