@@ -1192,12 +1192,13 @@ def load_features(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def load_extracted(npy_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_extracted(npy_path: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Features written by `main.py --mode=extract`: `X.npy` (T, D) and its index `X.csv`
-  (columns `pid`, `camera`, one row per feature row) -> (feats, pids, camids)."""
+  (columns `pid`, `camera`, one row per feature row) -> (feats, pids, camids). mmap: the
+  features as a read-only memory map (`np.load(mmap_mode="r")`), read when used."""
   csv_path = os.path.splitext(npy_path)[0] + ".csv"
   try:
-    feats = np.load(npy_path, allow_pickle=False)
+    feats = np.load(npy_path, mmap_mode="r" if mmap else None, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise ValueError(f"{npy_path}: cannot read as a .npy array without pickle: {e}") from e
   if feats.ndim != 2:
@@ -1239,10 +1240,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ap", default=e.ap, choices=AP_MODES)
   parser.add_argument("--max_rank", type=int, default=e.max_rank)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                      help="rank with rank_streaming (gallery in chunks, memory-mapped .npy); "
+                           "default: when the gallery has more than --stream_above items")
+  parser.add_argument("--stream_above", type=int, default=STREAM_ABOVE,
+                      help="gallery size above which the ranking streams (without --rerank)")
+  parser.add_argument("--gallery_chunk", type=int, default=None,
+                      help="gallery rows per streamed chunk (default: rank_streaming's)")
   args = parser.parse_args(argv)
   if bool(args.features) == bool(args.query and args.gallery) or (
       bool(args.query) != bool(args.gallery)):
     parser.error("give either --features=F.npz or both --query=Q.npy and --gallery=G.npy")
+  if args.stream and args.rerank:
+    print("error: --stream cannot be combined with --rerank (re-ranking needs the (G, G) "
+          "gallery distances in memory)", file=sys.stderr)
+    return 2
   try:
     if args.features:
       data = load_features(args.features)
@@ -1250,12 +1262,25 @@ def main(argv: Sequence[str] | None = None) -> int:
       data = {}
       for side, path in (("q", args.query), ("g", args.gallery)):
         data[f"{side}_feats"], data[f"{side}_pids"], data[f"{side}_camids"] = (
-            load_extracted(path))
-    results = evaluate(
-        data["q_feats"], data["g_feats"], data["q_pids"], data["g_pids"],
-        data["q_camids"], data["g_camids"], distance=args.distance, rerank=args.rerank,
-        ap=args.ap, max_rank=args.max_rank,
-    )
+            load_extracted(path, mmap=side == "g"))
+    stream = args.stream
+    if stream is None:
+      stream = not args.rerank and data["g_feats"].shape[0] > args.stream_above
+    if stream:
+      results = rank_streaming(
+          data["q_feats"], data["q_pids"], data["q_camids"],
+          (data["g_feats"], data["g_pids"], data["g_camids"]), metric=args.distance,
+          max_rank=args.max_rank, ap=args.ap, gallery_chunk=args.gallery_chunk)
+      for k in TABLE_RANKS:
+        if k <= args.max_rank:
+          results[f"R{k}"] = float(results["cmc"][k - 1])
+      results["streamed"] = True
+    else:
+      results = evaluate(
+          data["q_feats"], data["g_feats"], data["q_pids"], data["g_pids"],
+          data["q_camids"], data["g_camids"], distance=args.distance, rerank=args.rerank,
+          ap=args.ap, max_rank=args.max_rank,
+      )
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
