@@ -21,6 +21,10 @@ positions r_1 < ... < r_n of the n true matches (0-based, hits counted from k = 
   (1 when r_k = 0);
 - INP = n / (r_n + 1) (fast-reid's mINP).
 Distances are used as given (no epsilon), so float32 ties are resolved exactly.
+
+`rank_streaming` (features) and `rank_distance_blocks` (precomputed distances) give the same
+numbers without a (Q, G) matrix: the gallery is read in chunks (arrays, memory maps or a
+chunk generator), and the same per-pair counts are accumulated chunk by chunk on a device mesh.
 """
 
 from __future__ import annotations
@@ -859,20 +863,25 @@ def rank_streaming(
     mesh: Any = None,
 ) -> dict:
   """Exact CMC / mAP / mINP of features, streaming the gallery: memory O(Q x gallery_chunk)
-  plus O(Q x (max true matches + topk)), never O(Q x G).
+  plus O(U x D) for the U gallery items that are some query's true match (U <= Q x max
+  matches) plus O(Q x (max matches + topk)), never O(Q x G).
 
   query_feats (Q, D), q_pids, q_camids (Q,). `gallery` is (feats (G, D), pids (G,), camids (G,))
   arrays (an `np.memmap` / `np.load(mmap_mode="r")` is read chunk by chunk), a list of such
   chunks, or a function returning a fresh iterator of chunks; the gallery's order is the
-  chunks' concatenation. It is read twice: pass 1 computes each (query, true match) pair's
-  distance from the distance block that holds the match; pass 2 recomputes the blocks with the
-  same jitted kernel and counts, per pair, the ranked items before the match (smaller distance,
-  or equal and lower gallery index; junk and same-pid same-camera items excluded). Gallery
-  chunks of `gallery_chunk` rows (None: ~2^24 / Q, in [1024, 65536]; rounded up to the number
-  of devices; the last chunk padded) are split over the devices of `mesh` (default: all
-  devices, 'data' axis). Results equal `rank(pairwise_distance(q, g, metric), ...)` exactly
-  whenever the two compute the same float32 distances (they share the distance kernel; a
-  different block shape may change a last bit).
+  chunks' concatenation. It is read twice, distances are computed once (`_rank_stream`): a scan
+  finds the (query, true match) pairs from the pids and copies the U match rows; those are
+  ranked in blocks of their own (which give each pair's own distance); then every chunk is
+  ranked once, with its match rows masked out, counting per pair the ranked items before the
+  match (smaller distance, or equal and lower gallery index; junk and same-pid same-camera
+  items excluded). Every comparison thus sees the one float32 value computed for a (query,
+  item): the ranking is exact for those values. Chunks of `gallery_chunk` rows (None: ~2^24 / Q,
+  in [1024, 65536], at most G for arrays; rounded up to a multiple of the number of devices;
+  the last one padded) are split over the devices of `mesh` (default: all devices, 'data'
+  axis). The distances come from `pairwise_distance`'s kernel, so results equal
+  `rank(pairwise_distance(q, g, metric), ...)` whenever both compute the same float32 values
+  (always for exactly representable dot products; with general features a different block
+  shape may change a last bit, and with it the order of two items closer than that).
 
   Returns `rank`'s dict plus "num_gallery", and with topk > 0 "topk_index" (Q, topk) int64 and
   "topk_distance" (Q, topk) float32: each query's topk nearest ranked gallery items (junk and
