@@ -24,8 +24,9 @@ distractors' `_prob`, the per-camera clutter and the illumination cast at 0).
 
 All runs share a persistent XLA compilation cache in `<workdir>/jax_cache`, so only the first
 run of each model compiles. `--jobs=2` runs two processes at once, each limited to one XLA /
-TF thread. After a run's evaluations its `checkpoints/` folder is deleted (its `best/`
-checkpoint, TensorBoard events, logs and results stay), except for the runs in `KEEP_ALL`.
+TF thread. After a run's evaluations its `checkpoints/` folder is deleted when it has a `best/`
+checkpoint (which, with the TensorBoard events, logs and results, stays), except for the runs in
+`KEEP_ALL`.
 
 Finally the results are aggregated (mean and sample std, n-1, over seeds, in percent), printed
 as a markdown table, written to `<workdir>/summary.json` and between the `<!-- ablation:begin
@@ -248,7 +249,7 @@ def run_one(run: Run, workdir: str, env: Mapping[str, str], keep_all: bool) -> d
     shutil.copyfile(rrs_path, results)  # results.json = the training summary again
   record["done"] = True
   _write_json(record_path, record)
-  if not keep_all:
+  if not keep_all and os.path.isdir(os.path.join(w, "best")):  # the evaluated model stays
     shutil.rmtree(os.path.join(w, "checkpoints"), ignore_errors=True)
   return record
 
@@ -304,6 +305,7 @@ def collect(workdir: str, models: Sequence[str], benches: Sequence[str],
                         for s in SAMPLINGS},
             "seconds": seconds, "load1": loads,
             "commands": [s["command"] for s in stages if s],
+            "test_checkpoint": res["rrs"].get("test_checkpoint", "?"),
         })
   return out
 
@@ -400,10 +402,12 @@ def render(records: Sequence[dict], models: Sequence[str], benches: Sequence[str
       "Test split of the synthetic benchmark (40 test ids, pid-0 distractor tracklets in the "
       "gallery); values in percent, mean ± sample standard deviation (n - 1) over the `n` "
       f"seeds ({seed_arg}: `config.seed`, model initialisation, validation ids and sampling; "
-      "the benchmark is fixed). Each run's best checkpoint (validation mAP on 8 held-out "
-      "training ids) is evaluated twice: RRS (one clip of L frames per tracklet) and all "
-      "frames (every clip of the tracklet, embeddings averaged). Wall time per run = training "
-      "+ both evaluations, compilation included (cached after the first run of a model).",
+      "the benchmark is fixed). Each run's model is evaluated twice: RRS (one clip of L frames "
+      "per tracklet) and all frames (every clip of the tracklet, embeddings averaged), both "
+      "with flip averaging. Evaluated checkpoint: "
+      f"{', '.join(sorted({r.get('test_checkpoint', '?') for r in records})) or '-'}. "
+      "Wall time per run = training + both evaluations, compilation included (cached after "
+      "the first run of a model).",
       "",
   ]
   for bench in benches:
