@@ -334,6 +334,43 @@ def aggregate(records: Sequence[dict]) -> dict:
   return summary
 
 
+def paired_differences(records: Sequence[dict], sampling: str, metric: str,
+                       pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]]) -> list[dict]:
+  """For each ((bench_a, model_a), (bench_b, model_b)): a - b per common seed, mean and std."""
+  value = {(r["bench"], r["model"], r["seed"]): r["metrics"][sampling][metric] for r in records}
+  out = []
+  for a, b in pairs:
+    seeds = sorted(k for (bb, mm, k) in value if (bb, mm) == a and (b[0], b[1], k) in value)
+    diffs = [value[(*a, k)] - value[(*b, k)] for k in seeds]
+    mean, std = mean_std(diffs)
+    out.append({"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": mean, "std": std})
+  return out
+
+
+def difference_table(records: Sequence[dict], models: Sequence[str],
+                     benches: Sequence[str]) -> str:
+  """Markdown: each model minus the baseline (same bench, same seed), and distractors minus
+  clean (same model, same seed), for all-frames mAP and R1."""
+  cols = [("all_frames", "mAP"), ("all_frames", "R1"), ("rrs", "mAP")]
+  head = ["difference"] + [f"{SAMPLING_LABELS[s]} {m}" for s, m in cols]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  rows: list[tuple[str, tuple[str, str], tuple[str, str]]] = []
+  for bench in benches:
+    rows += [(f"{bench}: `{m}` - `baseline`", (bench, m), (bench, "baseline"))
+             for m in models if m != "baseline"]
+  if "distractors" in benches and "clean" in benches:
+    rows += [(f"`{m}`: distractors - clean", ("distractors", m), ("clean", m)) for m in models]
+  for label, a, b in rows:
+    cells = []
+    for s, m in cols:
+      d = paired_differences(records, s, m, [(a, b)])[0]
+      cells.append(f"{fmt_cell(d['mean'], d['std'])} (n={len(d['seeds'])})"
+                   if d["seeds"] else "-")
+    if any(c != "-" for c in cells):
+      lines.append("| " + " | ".join([label, *cells]) + " |")
+  return "\n".join(lines)
+
+
 def fmt_cell(mean: float, std: float) -> str:
   if math.isnan(mean):
     return "-"
@@ -415,6 +452,18 @@ def render(records: Sequence[dict], models: Sequence[str], benches: Sequence[str
              "clean": "Control: distractors off (clutter, illumination, occlusion, exit, "
                       "misalignment, intruders)"}.get(bench, bench)
     parts += [f"### {title}", "", markdown_table(summary, bench, models), ""]
+  parts += [
+      "### Paired differences",
+      "",
+      "Differences in points, computed per seed (a seed fixes the batch sampling and the "
+      "augmentation; the initialisation differs with the architecture) and then averaged; ± is "
+      "the sample std of the per-seed "
+      "differences. A difference smaller than about its std is not distinguishable from seed "
+      "noise with n = 3.",
+      "",
+      difference_table(records, models, benches),
+      "",
+  ]
   parts += [
       f"Total wall time: {fmt_seconds(sum(secs)) if secs else '-'} for {len(records)} runs "
       f"({'one run at a time' if jobs <= 1 else f'{jobs} runs at a time'}).",
@@ -498,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--results-md", default=os.path.join(REPO, "docs", "RESULTS.md"))
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table")
+  p.add_argument("--commit", default="", help="commit named in the table (default: this tree's; "
+                 "give the frozen copy's when aggregating its runs from another tree)")
   a = p.parse_args(argv)
   try:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -511,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f"--jobs={a.jobs}: expected >= 1")
   runs = plan_runs(models, benches, seeds)
   workdir = a.workdir
-  commit = current_commit()
+  commit = a.commit or current_commit()
   if a.dry_run:
     for r in runs:
       print(f"# {r.bench} {r.model} seed{r.seed}\n{row_commands(r, workdir)}")

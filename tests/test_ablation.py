@@ -172,6 +172,17 @@ def test_aggregate_table_and_markers(tmp_path, monkeypatch):
   cell = table["distractors"]["stmn"]["all_frames"]["mINP"]
   assert f"{cell['mean']:.1f} ± {cell['std']:.1f}" in lines[3].split(" | ")[-2]
 
+  diff = ablation.paired_differences(
+      records, "all_frames", "mAP", [(("clean", "stmn"), ("clean", "baseline"))])[0]
+  assert diff["seeds"] == [0, 1]
+  direct = [table["clean"]["stmn"]["all_frames"]["mAP"]["values"][k]
+            - table["clean"]["baseline"]["all_frames"]["mAP"]["values"][k] for k in (0, 1)]
+  assert diff["mean"] == pytest.approx(np.mean(direct))
+  assert diff["std"] == pytest.approx(np.std(direct, ddof=1))
+  dt = ablation.difference_table(records, models, benches)
+  assert f"{diff['mean']:.1f} ± {diff['std']:.1f} (n=2)" in dt
+  assert "`stmn`: distractors - clean" in dt
+
   body = ablation.render(records, models, benches, seeds, "workdir/ablation", "abc123", 1)
   assert "abc123" in body and "Total wall time: 44 s for 11 runs" in body
   assert "--config.seed=<k>" in body and "seed<k>" in body
