@@ -20,9 +20,10 @@ Width multiplier: every channel count (stem and the `planes` of each stage) is s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,43 @@ BN_MOMENTUM = 0.9  # Flax convention: new = m * old + (1 - m) * batch; PyTorch m
 BN_EPSILON = 1e-5
 
 INIT_BLOCK = 1 << 16  # normals are drawn in blocks of this size (see `conv_kernel_init`)
+
+# ------------------------------------------------------------------------------ kernel choice
+# "auto": the CPU rewrites below (BatchNorm statistics as matrix-vector products, max-pool as
+# the max of 9 strided slices, both with hand-written gradients) when the default backend is
+# the CPU at trace time, the stock Flax / XLA ops elsewhere. "fast" / "stock" force one.
+# Both compute the same function (tests/test_speed_equivalence.py); only the speed differs.
+KERNEL_MODES = ("auto", "fast", "stock")
+_kernels = "auto"
+
+
+def set_kernels(mode: str) -> None:
+  """Sets the process-wide kernel choice ("auto" | "fast" | "stock"), read at trace time.
+
+  A function already jitted keeps the kernels it was traced with.
+  """
+  global _kernels
+  if mode not in KERNEL_MODES:
+    raise ValueError(f"resnet kernels must be one of {KERNEL_MODES}, got {mode!r}")
+  _kernels = mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str) -> Iterator[None]:
+  """`with kernels("stock"): ...` traces the enclosed calls with that choice."""
+  old = _kernels
+  set_kernels(mode)
+  try:
+    yield
+  finally:
+    set_kernels(old)
+
+
+def use_fast_kernels() -> bool:
+  """True when the CPU rewrites are used for code traced now."""
+  if _kernels == "auto":
+    return jax.default_backend() == "cpu"
+  return _kernels == "fast"
 
 
 @jax.jit
@@ -158,14 +196,92 @@ class Conv(nnx.Module):
     )
 
 
-def batch_norm(num_features: int, dtype: Dtype, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.BatchNorm:
+def _column_sum(x: jax.Array) -> jax.Array:
+  """`(M, C) -> (C,)` sum over rows as a matrix-vector product (faster than a reduction on
+  XLA:CPU, which reduces over the leading axis of an NHWC tensor slowly)."""
+  ones = jnp.ones((x.shape[0],), x.dtype)
+  return jnp.dot(ones, x, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm of `x (M, C)` over its rows -> `(y (M, C), mean (C,), var (C,))`.
+
+  The same function as `nnx.BatchNorm` with batch statistics (biased variance), computed in
+  two passes (mean, then the mean of squared deviations; Flax's one-pass E[x^2] - E[x]^2
+  loses digits in float32 when |mean| >> std): the column sums are matrix-vector products; the
+  gradient is the closed form `dx = scale / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))`
+  with its sums as matrix-vector products too (plus the terms of `mean` and `var` when their
+  cotangents are used).
+  """
+  return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+  m = x.shape[0]
+  mean = _column_sum(x) / m
+  centered = x - mean
+  var = _column_sum(centered * centered) / m  # two passes: no E[x^2] - E[x]^2 cancellation
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = centered * (inv * scale) + bias
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy, dmean, dvar = cotangents
+  m = x.shape[0]
+  centered = x - mean
+  xhat = centered * inv
+  sum_dy = _column_sum(dy)
+  sum_dy_xhat = _column_sum(dy * xhat)
+  dx = (scale * inv) * (dy - sum_dy / m - xhat * (sum_dy_xhat / m))
+  dx = dx + dmean / m + centered * (2.0 * dvar / m)
+  return dx, sum_dy_xhat, sum_dy
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` (same variables, same results) whose training mode uses
+  `batch_norm_train` when `use_fast_kernels()` (XLA:CPU); evaluation mode and the other
+  backends run the stock code. Only the layout used here is taken over: statistics over every
+  axis but the last, no mask, no cross-device axis name (SPMD jit shards the sums itself).
+  """
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = (self.use_running_average if use_running_average is None
+                           else use_running_average)
+    if (use_running_average or mask is not None or self.axis_name is not None
+        or self.axis not in (-1, x.ndim - 1) or not use_fast_kernels()):
+      return super().__call__(x, use_running_average, mask=mask)
+    scale, bias = self.promote_dtype((self.scale[...], self.bias[...]), dtype=self.dtype)
+    x = jnp.asarray(x, self.dtype) if self.dtype is not None else x
+    out_dtype = x.dtype
+    stats = jnp.promote_types(x.dtype, jnp.float32)  # statistics at least float32, as Flax
+    c = x.shape[-1]
+    y, mean, var = batch_norm_train(
+        x.reshape(-1, c).astype(stats), scale.astype(stats), bias.astype(stats), self.epsilon)
+    m = self.momentum
+    new_mean = m * self.mean[...] + (1 - m) * mean
+    new_var = m * self.var[...] + (1 - m) * var
+    self.mean[...] = jax.lax.stop_gradient(new_mean.astype(self.mean.dtype))
+    self.var[...] = jax.lax.stop_gradient(new_var.astype(self.var.dtype))
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+def batch_norm(num_features: int, dtype: Dtype, rngs: nnx.Rngs, zero_init: bool = False) -> BatchNorm:
   """BN as torchvision (momentum 0.1 PyTorch, eps 1e-5), float32 params and statistics.
 
   One difference from PyTorch remains: `nnx.BatchNorm` updates the running variance with the
   biased batch variance, PyTorch with the unbiased one (factor n / (n - 1), n = N*H*W per
   channel; negligible at re-ID batch sizes). Outputs in both modes match.
   """
-  return nnx.BatchNorm(
+  return BatchNorm(
       num_features,
       momentum=BN_MOMENTUM,
       epsilon=BN_EPSILON,
@@ -309,11 +425,65 @@ def _run(blocks: Sequence[nnx.Module], x: jax.Array) -> jax.Array:
   return x
 
 
+def _pool_windows(x: jax.Array) -> list[jax.Array]:
+  """The 9 strided views of a 3x3 / stride 2 / pad 1 window (-inf padding), row-major order:
+  view `3 i + j` holds `x[2a + i - 1, 2b + j - 1]` at output `(a, b)`."""
+  _, h, w, _ = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 2 * ho - h), (1, 2 * wo - w), (0, 0)),
+               constant_values=-jnp.inf)
+  return [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
+def max_pool_slices(x: jax.Array) -> jax.Array:
+  """`max_pool_3x3_s2` as the max of 9 strided slices, `(N, H, W, C) -> (N, Ho, Wo, C)`.
+
+  The gradient goes to the first maximum of each window in row-major order, as XLA's
+  `select_and_scatter` (the stock gradient) does, so ties give identical gradients; it is
+  built from 9 selects and interior-padded adds instead of `select_and_scatter` (slow on CPU).
+  """
+  views = _pool_windows(x)
+  y = views[0]
+  for v in views[1:]:
+    y = jnp.maximum(y, v)
+  return y
+
+
+def _max_pool_slices_fwd(x):
+  y = max_pool_slices(x)
+  return y, (x, y)
+
+
+def _max_pool_slices_bwd(residuals, g):
+  x, y = residuals
+  _, h, w, _ = x.shape
+  ho, wo = y.shape[1], y.shape[2]
+  taken = jnp.zeros(y.shape, bool)
+  zero = jnp.zeros((), g.dtype)
+  dxp = None
+  for k, v in enumerate(_pool_windows(x)):
+    i, j = divmod(k, 3)
+    hit = (v == y) & ~taken
+    taken = taken | hit
+    # Output (a, b) of view k reads padded position (2a + i, 2b + j) of (2 ho + 1, 2 wo + 1).
+    part = jax.lax.pad(jnp.where(hit, g, zero), zero,
+                       ((0, 0, 0), (i, 2 - i, 1), (j, 2 - j, 1), (0, 0, 0)))
+    dxp = part if dxp is None else dxp + part
+  return (dxp[:, 1:1 + h, 1:1 + w, :],)
+
+
+max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
+
+
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torchvision `MaxPool2d(3, stride=2, padding=1)` (padding never wins: -inf).
 
-  `(N, H, W, C) -> (N, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C)`.
+  `(N, H, W, C) -> (N, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C)`. On XLA:CPU
+  (`use_fast_kernels()`) the same function via `max_pool_slices`.
   """
+  if use_fast_kernels():
+    return max_pool_slices(x)
   return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
