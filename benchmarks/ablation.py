@@ -24,8 +24,8 @@ distractors' `_prob`, the per-camera clutter and the illumination cast at 0).
 
 All runs share a persistent XLA compilation cache in `<workdir>/jax_cache`, so only the first
 run of each model compiles. `--jobs=2` runs two processes at once, each limited to one XLA /
-TF thread. After a run's evaluations its `checkpoints/` folder is deleted when it has a `best/`
-checkpoint (which, with the TensorBoard events, logs and results, stays), except for the runs in
+TF thread. After a run's evaluations its `checkpoints/` folder is deleted when it has a non-empty
+`best/` checkpoint (which, with the TensorBoard events, logs and results, stays), except for the runs in
 `KEEP_ALL`.
 
 Finally the results are aggregated (mean and sample std, n-1, over seeds, in percent), printed
@@ -249,7 +249,8 @@ def run_one(run: Run, workdir: str, env: Mapping[str, str], keep_all: bool) -> d
     shutil.copyfile(rrs_path, results)  # results.json = the training summary again
   record["done"] = True
   _write_json(record_path, record)
-  if not keep_all and os.path.isdir(os.path.join(w, "best")):  # the evaluated model stays
+  best = os.path.join(w, "best")
+  if not keep_all and os.path.isdir(best) and os.listdir(best):  # the evaluated model stays
     shutil.rmtree(os.path.join(w, "checkpoints"), ignore_errors=True)
   return record
 

@@ -87,7 +87,7 @@ def _fake_stage(calls, rng):
       summary = {"mode": "eval", "test": _fake_test(rng)}
     else:
       os.makedirs(os.path.join(w, "checkpoints"), exist_ok=True)
-      os.makedirs(os.path.join(w, "best"), exist_ok=True)
+      os.makedirs(os.path.join(w, "best", "7"), exist_ok=True)
       summary = {"selection": "val", "history": [], "test": _fake_test(rng)}
     with open(os.path.join(w, "results.json"), "w") as f:
       json.dump(summary, f)
@@ -121,6 +121,15 @@ def test_run_one_stages_copies_and_resumes(tmp_path, monkeypatch):
   os.remove(os.path.join(w, "results_all_frames.json"))
   ablation.run_one(run, str(tmp_path), {}, keep_all=False)
   assert len(calls) == 3 and "--mode=eval" in calls[2]
+  # Without a best checkpoint (no validation ids) the final one is the model: it stays.
+  empty = ablation.Run("clean", "tm", 0)
+  ew = empty.workdir(str(tmp_path))
+  os.makedirs(os.path.join(ew, "best"))
+  os.makedirs(os.path.join(ew, "checkpoints", "105"))
+  with open(os.path.join(ew, "results.json"), "w") as f:
+    json.dump({"selection": None, "test": _fake_test(np.random.default_rng(2))}, f)
+  ablation.run_one(empty, str(tmp_path), {}, keep_all=False)
+  assert os.path.isdir(os.path.join(ew, "checkpoints", "105"))
   # A kept run keeps its checkpoints.
   keep = ablation.Run("distractors", "stmn", 0)
   ablation.run_one(keep, str(tmp_path), {}, keep_all=True)
