@@ -13,6 +13,12 @@ compute dtype (e.g. bfloat16); parameters are always float32. Attribute names fo
 torchvision state-dict keys (conv1, bn1, layer1[0].conv1, ..., downsample_conv/bn for
 `downsample.0/1`) so `torchvision_weights` can map weights one to one.
 
+Speed on XLA:CPU (`kernels` / `set_kernels`, chosen at trace time, "auto" = by backend):
+BatchNorm's training statistics and gradient as matrix-vector products (`BatchNorm`,
+`batch_norm_train`) and the stem's max-pool as 9 strided slices (`max_pool_slices`), with
+hand-written gradients; other backends keep the stock Flax / XLA ops. Same variables and the
+same function either way (tests/test_speed_equivalence.py).
+
 Width multiplier: every channel count (stem and the `planes` of each stage) is scaled by
 `width` and rounded to the nearest multiple of 8, with at least 8 channels
 (`scaled_channels`). With `width=1.0` the network is exactly torchvision's.
