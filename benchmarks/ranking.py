@@ -7,7 +7,8 @@ Synthetic features with MARS-like structure (official protocol): 634 identities 
 distractor group (3,248 tracklets) in the gallery over 6 cameras, ~12.7 tracklets per identity,
 every query also in the gallery (so 4-20 true matches per query). Distances: cosine, float32.
 Checks that both rankings give identical results, prints both times (JAX compile apart), the
-speed-up and peak memory, and ends with one JSON line.
+speed-up and peak memory, and ends with one JSON line. Also ranks the same features with
+`rank_streaming` and reports its time and whether its metrics are bit-identical.
 
 Scaling of the streamed ranking (`stmn_jax.evaluation.rank_streaming`, issue #8):
 
@@ -190,14 +191,15 @@ def distance_gflops(num_q: int, chunk: int, dim: int, repeats: int = 3) -> float
 
   from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
 
+  kernel = evaluation._distance_block  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   q = jax.device_put(rng.standard_normal((num_q, dim), dtype=np.float32))
   g = jax.device_put(rng.standard_normal((chunk, dim), dtype=np.float32))
-  evaluation._distance_block(q, g, "cosine").block_until_ready()  # pylint: disable=protected-access
+  kernel(q, g, "cosine").block_until_ready()
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    evaluation._distance_block(q, g, "cosine").block_until_ready()  # pylint: disable=protected-access
+    kernel(q, g, "cosine").block_until_ready()
     times.append(time.perf_counter() - t)
   return 2.0 * num_q * chunk * dim / min(times) / 1e9
 
@@ -210,7 +212,8 @@ def scaling_one(size: int, dim: int, num_q: int, chunk: int | None, topk: int, s
   from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
 
   if chunk is None:
-    chunk = evaluation._chunk_rows(None, num_q, jax.device_count(), None)  # pylint: disable=protected-access
+    chunk = evaluation._chunk_rows(  # pylint: disable=protected-access
+        None, num_q, jax.device_count(), None)
   gallery = SyntheticGallery(size, dim, chunk, seed, cams)
   q, q_pids, q_cams = gallery.queries(num_q)
   with PeakRSS() as mem, CompileTime() as comp:
@@ -325,8 +328,16 @@ def main(argv=None) -> dict:
   t = time.perf_counter()
   distmat = evaluation.pairwise_distance(q_feats, g_feats, "cosine")
   t_dist = time.perf_counter() - t
-  del q_feats, g_feats
   ids = (q_pids, g_pids, q_cams, g_cams)
+  # The streamed ranking of the same features (distances recomputed chunk by chunk).
+  with PeakRSS() as mem_stream, CompileTime() as comp_stream:
+    t = time.perf_counter()
+    res_stream = evaluation.rank_streaming(
+        q_feats, q_pids, q_cams, (g_feats, g_pids, g_cams), metric="cosine",
+        max_rank=args.gallery, ap=args.ap)
+    t_stream = time.perf_counter() - t
+  t_stream -= comp_stream.seconds
+  del q_feats, g_feats
   matches = ((q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] != g_cams[None, :])).sum(1)
   # Gallery items per row whose float32 distance equals another's (first 100 rows).
   ties = float(np.mean([r.size - np.unique(r).size for r in distmat[:100]]))
@@ -364,6 +375,11 @@ def main(argv=None) -> dict:
       "numpy_loop_peak_traced_mb": round(np_peak / 2**20, 1),
       "distmat_mb": round(distmat.nbytes / 2**20, 1),
       "identical": bool(identical),
+      "stream_s": round(t_stream, 4), "stream_compile_s": round(comp_stream.seconds, 4),
+      "stream_peak_rss_growth_mb": round(mem_stream.growth / 2**20, 1),
+      "stream_bit_identical": bool(np.array_equal(res_stream["cmc"], res_jax["cmc"])
+                                   and res_stream["mAP"] == res_jax["mAP"]
+                                   and res_stream["mINP"] == res_jax["mINP"]),
       "R1": res_jax["cmc"][0], "mAP": res_jax["mAP"], "mINP": res_jax["mINP"],
       "num_valid_queries": res_jax["num_valid_queries"],
   }
@@ -374,6 +390,10 @@ def main(argv=None) -> dict:
         f"compile), peak RSS growth {summary['jax_peak_rss_growth_mb']} MB")
   print(f"numpy loop: {t_np:.3f} s, peak traced {summary['numpy_loop_peak_traced_mb']} MB")
   print(f"speed-up {t_np / t_jax:.1f}x; identical results: {identical}")
+  print(f"streamed (rank_streaming from the features): {t_stream:.3f} s incl. distances "
+        f"(compile {comp_stream.seconds:.2f} s apart), peak RSS growth "
+        f"{summary['stream_peak_rss_growth_mb']} MB; bit-identical to rank(pairwise_distance): "
+        f"{summary['stream_bit_identical']}")
   print(f"R1 {100 * res_jax['cmc'][0]:.2f}  mAP {100 * res_jax['mAP']:.2f}  "
         f"mINP {100 * res_jax['mINP']:.2f}")
   print(json.dumps(summary))

@@ -540,9 +540,9 @@ def _check_ids(name: str, x: Any, n: int | None, where: str) -> np.ndarray:
 
 
 def _is_array_triple(gallery: Any) -> bool:
+  """(x 2-D array, pids, camids), as opposed to a list of chunks (whose items are tuples)."""
   return (isinstance(gallery, (tuple, list)) and len(gallery) == 3
-          and all(hasattr(a, "ndim") and hasattr(a, "shape") for a in gallery)
-          and gallery[0].ndim == 2 and gallery[1].ndim == 1)
+          and getattr(gallery[0], "ndim", None) == 2)
 
 
 def _source(gallery: Any, axis: int, chunk: int) -> Callable[[], Iterable[GalleryChunk]]:
@@ -553,8 +553,12 @@ def _source(gallery: Any, axis: int, chunk: int) -> Callable[[], Iterable[Galler
   pass. A one-shot iterator (generator) is refused: the gallery is read twice.
   """
   if _is_array_triple(gallery):
-    x, pids, cams = gallery
+    x, pids, cams = gallery[0], np.asarray(gallery[1]), np.asarray(gallery[2])
     n = x.shape[axis]
+    if pids.shape != (n,) or cams.shape != (n,):
+      raise ValueError(f"gallery: pids and camids must have shape ({n},) to match the "
+                       f"{'features' if axis == 0 else 'distances'} {x.shape}, got "
+                       f"{pids.shape} and {cams.shape}")
 
     def slices():
       for a in range(0, n, chunk):
@@ -656,8 +660,8 @@ def _chunk_rows(gallery_chunk: int | None, num_q: int, num_devices: int,
                 num_g: int | None) -> int:
   if gallery_chunk is None:
     c = min(max(_STREAM_BLOCK_ELEMENTS // max(num_q, 1), _STREAM_MIN_CHUNK), _STREAM_MAX_CHUNK)
-    if num_g is not None:
-      c = min(c, max(num_g, 1))
+    if num_g is not None:  # equal chunks: as few padded rows as possible
+      c = -(-max(num_g, 1) // -(-max(num_g, 1) // c))
   else:
     c = int(gallery_chunk)
     if c < 1:
@@ -841,7 +845,14 @@ def _stream_setup(q_pids, q_camids, max_rank, ap, topk, mesh):
   if mesh is None:
     from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
 
-    mesh = sharding.make_mesh()
+    from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
+
+    devices = jax.local_devices()  # all devices with one process
+    mesh = jax.make_mesh((len(devices),), (sharding.DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+  if not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+    raise ValueError("mesh: the streamed ranking runs in one process; give a mesh of this "
+                     "process's devices (e.g. sharding.make_mesh over jax.local_devices())")
   return qp, qc, mesh
 
 
@@ -875,10 +886,10 @@ def rank_streaming(
   ranked once, with its match rows masked out, counting per pair the ranked items before the
   match (smaller distance, or equal and lower gallery index; junk and same-pid same-camera
   items excluded). Every comparison thus sees the one float32 value computed for a (query,
-  item): the ranking is exact for those values. Chunks of `gallery_chunk` rows (None: ~2^24 / Q,
-  in [1024, 65536], at most G for arrays; rounded up to a multiple of the number of devices;
-  the last one padded) are split over the devices of `mesh` (default: all devices, 'data'
-  axis). The distances come from `pairwise_distance`'s kernel, so results equal
+  item): the ranking is exact for those values. Chunks of `gallery_chunk` rows (None: ~2^24 / Q
+  in [1024, 65536], evened out over a gallery of arrays; rounded up to a multiple of the number
+  of devices; the last one padded) are split over the devices of `mesh` (default: this
+  process's devices, 'data' axis). The distances come from `pairwise_distance`'s kernel, so results equal
   `rank(pairwise_distance(q, g, metric), ...)` whenever both compute the same float32 values
   (always for exactly representable dot products; with general features a different block
   shape may change a last bit, and with it the order of two items closer than that).

@@ -170,7 +170,7 @@ def test_bad_input_is_named():
   bad[[77, 150]] = np.nan
   with pytest.raises(ValueError, match=r"non-finite .* gallery row\(s\) \[77\]"):
     run(q, q_pids, q_cams, (bad, g_pids, g_cams))
-  with pytest.raises(ValueError, match=r"query_feats: non-finite values in 1 row\(s\), first: \[3\]"):
+  with pytest.raises(ValueError, match=r"query_feats: non-finite values in 1 row\(s\), first: \[3"):
     run(np.where(np.arange(NUM_Q)[:, None] == 3, np.inf, q), q_pids, q_cams, (g, g_pids, g_cams))
   with pytest.raises(ValueError, match="one-shot iterator"):
     run(q, q_pids, q_cams, (c for c in [(g, g_pids, g_cams)]))
@@ -187,7 +187,7 @@ def test_bad_input_is_named():
     run(q, q_pids, q_cams, (g, g_pids, g_cams), ap="x")
   distmat = np.zeros((NUM_Q, NUM_G), np.float32)
   distmat[5, 199] = np.nan
-  with pytest.raises(ValueError, match=r"distance blocks: NaN distances at gallery row\(s\) \[199\]"):
+  with pytest.raises(ValueError, match=r"distance blocks: NaN distances at gallery row\(s\) \[199"):
     evaluation.rank_distance_blocks((distmat, g_pids, g_cams), q_pids, q_cams, gallery_chunk=40)
 
 
