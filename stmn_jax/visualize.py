@@ -145,11 +145,11 @@ def make_forward(state, mesh, maps: bool) -> Callable:
   return jax.jit(forward, in_shardings=(rep, dat), out_shardings=dat)
 
 
-def run_clips(state, forward: Callable, tracklets: Sequence[Any],
+def run_clips(model_state, forward: Callable, tracklets: Sequence[Any],
               config: ml_collections.ConfigDict, mesh, clips: str | None = None):
   """Every all-frames clip (`clips`, default `config.eval.clips`) of `tracklets` through
-  `forward` -> (tracklet index (R,), frame indices (R, L), {output: (R, ...)}), R real clips
-  in tracklet order."""
+  `forward(model_state, frames)` -> (tracklet index (R,), frame indices (R, L),
+  {output: (R, ...)}), R real clips in tracklet order."""
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
 
   batches = pipeline.eval_iterator(tracklets, config, sampling="all_frames",
@@ -157,7 +157,7 @@ def run_clips(state, forward: Callable, tracklets: Sequence[Any],
   outs = []
   for batch in batches:
     frames = sharding.global_batch({"frames": batch["frames"]}, mesh)["frames"]
-    outs.append(jax.device_get(forward(state.model_state, frames)))
+    outs.append(jax.device_get(forward(model_state, frames)))
   plan, n = batches.plan, batches.plan.num_clips
   merged = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]} if outs else {}
   return plan.tracklet[:n].astype(np.int64), plan.frames[:n].astype(np.int64), merged
@@ -482,20 +482,38 @@ def curves_figure(path: str, runs: Mapping[str, Mapping[str, tuple[np.ndarray, n
 
 
 # ------------------------------------------------------------------------------ figure steps
-def _memory_step(state, other, tracklets, config, mesh, out_dir, labels):
-  """Memory figure + numbers on the same random clips for the model and `other` (or None)."""
+def clip_pass(model_state, forward: Callable, tracklets: Sequence[Any], ids: Sequence[int],
+              config: ml_collections.ConfigDict, mesh):
+  """Consecutive clips of `tracklets[ids]` through `forward` -> (index into `tracklets` (R,),
+  frame indices (R, L), outputs). Consecutive runs of L frames, so that a figure's frames are
+  neighbours and a short distractor shares its clip with clean frames."""
+  ids = np.asarray(sorted(ids), np.int64)
+  t_idx, frames, out = run_clips(model_state, forward, [tracklets[i] for i in ids], config, mesh,
+                                 clips="consecutive")
+  return ids[t_idx] if len(ids) else t_idx, frames, out
+
+
+def _rows_of(clips, ids: Sequence[int]):
+  """The rows of a `clip_pass` result that belong to the tracklets `ids`."""
+  t_idx, frames, out = clips
+  keep = np.isin(t_idx, np.asarray(list(ids), np.int64))
+  return t_idx[keep], frames[keep], {k: v[keep] for k, v in out.items()}
+
+
+def _memory_picks(tracklets, config) -> np.ndarray:
   v = config.visualize
-  rng = _rng(v.seed, 0)
-  picks = np.sort(rng.choice(len(tracklets), size=min(v.memory_tracklets, len(tracklets)),
-                             replace=False))
-  chosen = [tracklets[i] for i in picks]
+  return np.sort(_rng(v.seed, 0).choice(len(tracklets), replace=False,
+                                        size=min(v.memory_tracklets, len(tracklets))))
+
+
+def _memory_step(passes: Mapping[str, Any], picks, config, out_dir, labels):
+  """Memory figure + numbers on the same random clips for each model of `passes`
+  ({"model": clip_pass result, "compare": ...})."""
+  rng = _rng(config.visualize.seed, 4)
   panels, numbers = [], {}
   draws = None
-  for name, st in (("model", state), ("compare", other)):
-    if st is None:
-      continue
-    fwd = make_forward(st, mesh, maps=False)
-    t_idx, frames, out = run_clips(st, fwd, chosen, config, mesh)
+  for name, clips in passes.items():
+    t_idx, frames, out = _rows_of(clips, picks)
     first = first_clip_rows(t_idx)
     entry: dict[str, Any] = {"label": labels[name]}
     panel: dict[str, Any] = {"label": labels[name], "spatial": None, "temporal": None}
@@ -507,7 +525,7 @@ def _memory_step(state, other, tracklets, config, mesh, out_dir, labels):
       rows = sp[first, draws[0], draws[1]]
       panel["spatial"] = rows
       entry["spatial"] = {
-          "rows": [{"tracklet": int(picks[t_idx[r]]), "frames": frames[r].tolist(),
+          "rows": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
                     "frame": int(l), "location": int(loc), "probs": p.tolist()}
                    for r, l, loc, p in zip(first, draws[0], draws[1], rows)],
           "stats_sampled": memory_stats(rows),
@@ -517,7 +535,7 @@ def _memory_step(state, other, tracklets, config, mesh, out_dir, labels):
       tp = out["temporal_probs"]
       panel["temporal"] = tp[first]
       entry["temporal"] = {
-          "rows": [{"tracklet": int(picks[t_idx[r]]), "frames": frames[r].tolist(),
+          "rows": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
                     "probs": tp[r].tolist()} for r in first],
           "stats_sampled": memory_stats(tp[first]),
           "stats_all_clips": memory_stats(tp),
@@ -533,7 +551,9 @@ def _clean_person(meta: Mapping[str, Any] | None) -> bool:
   return meta is not None and meta.get("kind") == "person" and not meta["distractors"]
 
 
-def _norm_change_step(state, tracklets, meta, load, config, mesh, out_dir):
+def _norm_change_picks(tracklets, meta, load, config) -> tuple[list[int], dict[int, float]]:
+  """Tracklets (of >= L frames, real identities, no temporal distractor when the sidecar
+  says so) of the most cluttered cameras first; and the cameras' clutter scores."""
   v = config.visualize
   rng = _rng(v.seed, 1)
   length = int(config.data.seq_len)
@@ -546,40 +566,38 @@ def _norm_change_step(state, tracklets, meta, load, config, mesh, out_dir):
     picks += [cands[j] for j in rng.permutation(len(cands))[:need]]
     if len(picks) >= v.num_tracklets:
       break
-  if not picks:
-    logging.warning("norm-change figure: no tracklet of >= %d frames; skipped", length)
-    return None, {"skipped": "no tracklet long enough"}
-  chosen = [tracklets[i] for i in picks]
-  fwd = make_forward(state, mesh, maps=True)
-  t_idx, frames, out = run_clips(state, fwd, chosen, config, mesh)
+  return picks, clutter
+
+
+def _norm_change_step(clips, picks, clutter, tracklets, load, out_dir):
+  t_idx, frames, out = _rows_of(clips, picks)
   first = first_clip_rows(t_idx)
   change = out["norm_change"][first]
-  images = np.stack([load(picks[t_idx[r]], frames[r]) for r in first])
-  titles = [f"pid {tracklets[i].pid}, camera {tracklets[i].camid} (clutter "
-            f"{clutter[tracklets[i].camid]:.3f}), frames {frames[r].tolist()}"
-            for i, r in zip(picks, first)]
+  images = np.stack([load(t_idx[r], frames[r]) for r in first])
+  titles = [f"pid {tracklets[t_idx[r]].pid}, camera {tracklets[t_idx[r]].camid} (clutter "
+            f"{clutter[tracklets[t_idx[r]].camid]:.3f}), frames {frames[r].tolist()}"
+            for r in first]
   png = norm_change_figure(os.path.join(out_dir, "norm_change.png"), images, change, titles)
   numbers = {
       "camera_clutter": {str(k): s for k, s in clutter.items()},
-      "tracklets": [{"tracklet": int(i), "frames": frames[r].tolist(),
+      "tracklets": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
                      "mean_change": float(change[j].mean()),
                      "min_change": float(change[j].min()), "max_change": float(change[j].max())}
-                    for j, (i, r) in enumerate(zip(picks, first))],
+                    for j, r in enumerate(first)],
   }
   return png, numbers
 
 
-def _pick_weight_rows(tracklets, meta, rng, config) -> list[tuple[str, int]]:
+def _pick_weight_rows(tracklets, meta, config) -> list[tuple[str, int]]:
   """(kind, tracklet index) for each kind of WEIGHT_KINDS: tracklets carrying that distractor
   (and no other) on some but not all of the frames shown, or no distractor at all ("none")."""
   v, length = config.visualize, int(config.data.seq_len)
+  rng = _rng(v.seed, 2)
   out = []
   for kind in WEIGHT_KINDS:
     cands = []
     for i, (t, m) in enumerate(zip(tracklets, meta)):
-      if m is None or t.num_frames < 2 * length:
-        continue
-      if m.get("kind") != "person":
+      if m is None or t.num_frames < length or m.get("kind") != "person":
         continue
       if kind == "none":
         ok = not m["distractors"]
@@ -592,26 +610,21 @@ def _pick_weight_rows(tracklets, meta, rng, config) -> list[tuple[str, int]]:
   return out
 
 
-def _temporal_step(state, tracklets, meta, load, config, mesh, out_dir):
+def _temporal_step(clips, flagged_ids, picks, tracklets, meta, load, config, out_dir):
   """Frame weights over consecutive clips: distractor vs clean numbers and the figure."""
   v, length = config.visualize, int(config.data.seq_len)
-  rng = _rng(v.seed, 2)
-  flagged_ids = [i for i, m in enumerate(meta) if m is not None]
-  fwd = make_forward(state, mesh, maps=False)
-  sub = [tracklets[i] for i in flagged_ids]
-  t_idx, frames, out = run_clips(state, fwd, sub, config, mesh, clips="consecutive")
-  t_idx = np.asarray(flagged_ids)[t_idx]
+  t_idx, frames, out = _rows_of(clips, flagged_ids)
   weights = out["frame_weights"]
   stats = distractor_weight_stats(weights, frames, t_idx, meta)
   rows, picked = [], []
-  for kind, i in _pick_weight_rows(tracklets, meta, rng, config):
+  for kind, i in picks:
     shown = min(tracklets[i].num_frames, v.max_frames)
     w = np.full(shown, np.nan)
-    clip_rows = []
-    for r in np.flatnonzero(t_idx == i):
-      clip_rows.append(r)
+    clip_rows = np.flatnonzero(t_idx == i)
+    for r in clip_rows:
+      real = real_positions(frames[r])
       for j, f in enumerate(frames[r]):
-        if f < shown and np.isnan(w[f]) and real_positions(frames[r])[j]:
+        if f < shown and np.isnan(w[f]) and real[j]:
           w[f] = weights[r, j]
     flags = clip_flags(meta[i], np.arange(shown), "any")
     rows.append({"title": f"{kind}: pid {tracklets[i].pid}, camera {tracklets[i].camid}, "
@@ -625,7 +638,7 @@ def _temporal_step(state, tracklets, meta, load, config, mesh, out_dir):
     png = temporal_weights_figure(os.path.join(out_dir, "temporal_weights.png"), rows)
   else:
     logging.warning("temporal-weights figure: no tracklet of >= %d frames with the wanted "
-                    "distractors; skipped", 2 * length)
+                    "distractors; skipped", length)
   return png, {"clips": "consecutive", "tracklets": picked, "distractor_vs_clean": stats}
 
 
@@ -740,6 +753,16 @@ def visualize_mode(
   tracklets = list(test_split.part(part))
   meta = synthetic_meta(config, tracklets)
   load = FrameLoader(tracklets, config)
+  # Pick every figure's tracklets first, then one compiled pass over their clips per model
+  # (the compare model has the same graph, other parameters).
+  mem_picks = _memory_picks(tracklets, config) if has_sm or has_tm else []
+  norm_picks, clutter = _norm_change_picks(tracklets, meta, load, config) if has_sm else ([], {})
+  flagged = [i for i, m in enumerate(meta) if m is not None] if has_tm and meta else []
+  weight_picks = _pick_weight_rows(tracklets, meta, config) if flagged else []
+  forward = make_forward(state, mesh, maps=has_sm)
+  needed = sorted(set(map(int, mem_picks)) | set(norm_picks) | set(flagged))
+  clips = clip_pass(state.model_state, forward, tracklets, needed, config, mesh) if needed \
+      else None
   figures: dict[str, str | None] = {}
   numbers: dict[str, Any] = {
       "checkpoint": label, "step": step, "compare_workdir": compare_workdir,
@@ -748,16 +771,23 @@ def visualize_mode(
       "config": config.visualize.to_dict(),
   }
   if has_sm or has_tm:
+    passes = {"model": clips}
+    if other is not None:
+      passes["compare"] = clip_pass(other.model_state, forward, tracklets, mem_picks, config,
+                                    mesh)
     figures["memory_probs"], numbers["memory"] = _memory_step(
-        state, other, tracklets, config, mesh, out_dir, labels)
+        passes, mem_picks, config, out_dir, labels)
   else:
     logging.info("memory figure skipped: %s has no memory", config.model.preset)
-  if has_sm:
+  if has_sm and norm_picks:
     figures["norm_change"], numbers["norm_change"] = _norm_change_step(
-        state, tracklets, meta, load, config, mesh, out_dir)
-  if has_tm and meta is not None:
+        clips, norm_picks, clutter, tracklets, load, out_dir)
+  elif has_sm:
+    logging.warning("norm-change figure: no tracklet of >= %d frames; skipped",
+                    config.data.seq_len)
+  if flagged:
     figures["temporal_weights"], numbers["temporal_weights"] = _temporal_step(
-        state, tracklets, meta, load, config, mesh, out_dir)
+        clips, flagged, weight_picks, tracklets, meta, load, config, out_dir)
   elif has_tm:
     logging.info("temporal-weights figure skipped: %s has no per-frame distractor flags "
                  "(synthetic benchmark only)", config.dataset.name)
