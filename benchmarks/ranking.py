@@ -276,9 +276,13 @@ def scaling(sizes, dims, num_q=2000, chunk=None, topk=10, seed=0, cams=6,
                "time_ratio": round(b["wall_s"] / a["wall_s"], 2),
                "memory_ratio": round(max(b["peak_rss_growth_mb"], 1.0)
                                      / max(a["peak_rss_growth_mb"], 1.0), 2)}
+      # Linear: time within [0.5, 1.5] x the size ratio; flat: peak memory within 1.5x.
+      check["linear"] = bool(0.5 <= check["time_ratio"] / check["size_ratio"] <= 1.5)
+      check["flat_memory"] = bool(check["memory_ratio"] <= 1.5)
       checks.append(check)
-      print(f"dim {dim}: gallery x{check['size_ratio']:g} -> time x{check['time_ratio']}, "
-            f"peak memory x{check['memory_ratio']}")
+      print(f"dim {dim}: gallery x{check['size_ratio']:g} -> time x{check['time_ratio']} "
+            f"(linear: {check['linear']}), peak memory x{check['memory_ratio']} "
+            f"(flat: {check['flat_memory']})")
   return {"scaling": runs, "checks": checks, "load_average": list(os.getloadavg())}
 
 

@@ -227,4 +227,7 @@ def test_tiny_scaling_run_output():
       (8, 1000, 1000), (8, 2000, 2000)]
   for r in out["scaling"]:
     assert r["num_valid_queries"] == 20 and r["wall_s"] > 0 and r["distance_gflops"] > 0
-  assert out["checks"][0]["sizes"] == [1000, 2000] and out["checks"][0]["size_ratio"] == 2
+  check = out["checks"][0]
+  assert check["sizes"] == [1000, 2000] and check["size_ratio"] == 2
+  assert check["time_ratio"] == round(out["scaling"][1]["wall_s"] / out["scaling"][0]["wall_s"], 2)
+  assert isinstance(check["linear"], bool) and isinstance(check["flat_memory"], bool)
