@@ -422,7 +422,7 @@ def rank_reference(
 # clipped to [_STREAM_MIN_CHUNK, _STREAM_MAX_CHUNK] gallery rows.
 _STREAM_BLOCK_ELEMENTS = 1 << 24
 _STREAM_MIN_CHUNK, _STREAM_MAX_CHUNK = 1024, 65536
-# Pass-1 (query, match) pairs found in one chunk are padded to a power of two, at least this.
+# The (query, match) pairs of one match block are padded to a power of two, at least this.
 _STREAM_MIN_PAIRS = 128
 _INT32 = np.iinfo(np.int32)
 # `python -m stmn_jax.evaluation --query --gallery` streams galleries above this many rows.
