@@ -213,7 +213,7 @@ def _stage(cmd: list[str], log_path: str, env: Mapping[str, str]) -> dict:
     raise RuntimeError(f"exit code {proc.returncode} after {seconds:.0f} s: {shell(cmd)} "
                        f"(log: {log_path})")
   return {"command": shell(cmd), "seconds": seconds, "loadavg_before": list(load0),
-          "loadavg_after": list(os.getloadavg())}
+          "loadavg_after": list(os.getloadavg()), "started": t0, "ended": t0 + seconds}
 
 
 def run_one(run: Run, workdir: str, env: Mapping[str, str], keep_all: bool) -> dict:
@@ -307,6 +307,8 @@ def collect(workdir: str, models: Sequence[str], benches: Sequence[str],
             "seconds": seconds, "load1": loads,
             "commands": [s["command"] for s in stages if s],
             "test_checkpoint": res["rrs"].get("test_checkpoint", "?"),
+            "started": min((s["started"] for s in stages if s and "started" in s), default=None),
+            "ended": max((s["ended"] for s in stages if s and "ended" in s), default=None),
         })
   return out
 
@@ -439,8 +441,8 @@ def render(records: Sequence[dict], models: Sequence[str], benches: Sequence[str
       "",
       "Test split of the synthetic benchmark (40 test ids, pid-0 distractor tracklets in the "
       "gallery); values in percent, mean ± sample standard deviation (n - 1) over the `n` "
-      f"seeds ({seed_arg}: `config.seed`, model initialisation, validation ids and sampling; "
-      "the benchmark is fixed). Each run's model is evaluated twice: RRS (one clip of L frames "
+      f"seeds ({seed_arg}: `config.seed`: model initialisation, batch sampling, augmentation "
+      "and, with validation ids, which ids are held out; the benchmark is fixed). Each run's model is evaluated twice: RRS (one clip of L frames "
       "per tracklet) and all frames (every clip of the tracklet, embeddings averaged), both "
       "with flip averaging. Evaluated checkpoint: "
       f"{', '.join(sorted({r.get('test_checkpoint', '?') for r in records})) or '-'}. "
@@ -465,9 +467,14 @@ def render(records: Sequence[dict], models: Sequence[str], benches: Sequence[str
       difference_table(records, models, benches),
       "",
   ]
+  starts = [r["started"] for r in records if r.get("started")]
+  ends = [r["ended"] for r in records if r.get("ended")]
+  elapsed = (f", {fmt_seconds(max(ends) - min(starts))} from the first start to the last end"
+             if starts and ends else "")
   parts += [
-      f"Total wall time: {fmt_seconds(sum(secs)) if secs else '-'} for {len(records)} runs "
-      f"({'one run at a time' if jobs <= 1 else f'{jobs} runs at a time'}).",
+      f"Wall time: the sum over the {len(records)} runs is "
+      f"{fmt_seconds(sum(secs)) if secs else '-'}"
+      f" ({'one run at a time' if jobs <= 1 else f'{jobs} runs at a time'}{elapsed}).",
       "",
       f"Machine: {machine_line(loads)}. The machine was shared with other jobs during the run, "
       "so wall times are inflated by the load shown.",

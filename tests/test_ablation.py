@@ -94,7 +94,8 @@ def _fake_stage(calls, rng):
     with open(log_path, "a") as f:
       f.write("ok\n")
     return {"command": " ".join(cmd), "seconds": 2.0, "loadavg_before": [1.0, 1, 1],
-            "loadavg_after": [3.0, 1, 1]}
+            "loadavg_after": [3.0, 1, 1], "started": 100.0 + len(calls),
+            "ended": 102.0 + len(calls)}
 
   return stage
 
@@ -193,7 +194,9 @@ def test_aggregate_table_and_markers(tmp_path, monkeypatch):
   assert "`stmn`: distractors - clean" in dt
 
   body = ablation.render(records, models, benches, seeds, "workdir/ablation", "abc123", 1)
-  assert "abc123" in body and "Total wall time: 44 s for 11 runs" in body
+  assert "abc123" in body and "the sum over the 11 runs is 44 s" in body
+  # stages start at 100 + i and end at 102 + i for the i-th call (1..22): 124 - 101 = 23 s
+  assert "23 s from the first start to the last end" in body
   assert "--config.seed=<k>" in body and "seed<k>" in body
   path = tmp_path / "RESULTS.md"
   ablation.write_markers(str(path), "OLD-BODY")
