@@ -337,7 +337,8 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   clu writes TF2 summaries, i.e. scalars as 0-d `tensor` values; older `simple_value` events
   are read too. A step written twice (a resumed run) keeps the last value.
   """
-  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
   data: dict[str, dict[int, float]] = {}
@@ -428,8 +429,8 @@ def temporal_weights_figure(path: str, rows: Sequence[Mapping[str, Any]]) -> str
   its clip (bars; dashed: uniform 1/L), distractor frames shaded red. `rows`: dicts with
   `title`, `frames` uint8 (T, H, W, 3), `weights` (T,) (NaN where a frame is in no clip),
   `flagged` (T,) bool, `seq_len`."""
-  fig = _figure(max(6.0, 0.45 * max(len(r["weights"]) for r in rows) + 1.0), 2.1 * len(rows))
-  grid = fig.add_gridspec(2 * len(rows), 1, height_ratios=(2, 1) * len(rows), hspace=0.15)
+  fig = _figure(max(6.0, 0.45 * max(len(r["weights"]) for r in rows) + 1.0), 2.4 * len(rows))
+  grid = fig.add_gridspec(2 * len(rows), 1, height_ratios=(2, 1) * len(rows), hspace=0.35)
   for i, row in enumerate(rows):
     t = len(row["weights"])
     montage = np.concatenate(list(row["frames"]), axis=1)
@@ -459,17 +460,20 @@ def curves_figure(path: str, runs: Mapping[str, Mapping[str, tuple[np.ndarray, n
   """Loss terms (left) and mAP (right) over steps of one or more runs ({label: scalars})."""
   fig = _figure(11.0, 3.8)
   left, right = fig.subplots(1, 2)
-  styles = ("-", "--", ":", "-.")
+  styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+  # One colour per tag over all runs; runs differ by line style / marker.
+  losses = sorted({t for s in runs.values() for t in loss_tags(s)})
+  maps = sorted({t for s in runs.values() for t in s if t.endswith("_mAP")})
+  suffix = lambda label: f" ({label})" if len(runs) > 1 else ""
   for r, (label, scalars) in enumerate(runs.items()):
-    ls = styles[r % len(styles)]
-    for i, tag in enumerate(loss_tags(scalars)):
+    for tag in loss_tags(scalars):
       steps, values = scalars[tag]
-      left.plot(steps, values, ls, color=f"C{i}", lw=1.0,
-                label=f"{tag[len('train_'):]}" + (f" ({label})" if len(runs) > 1 else ""))
-    for i, tag in enumerate(sorted(t for t in scalars if t.endswith("_mAP"))):
+      left.plot(steps, values, styles[r % len(styles)], color=f"C{losses.index(tag)}", lw=1.0,
+                label=tag[len("train_"):] + suffix(label))
+    for tag in (t for t in maps if t in scalars):
       steps, values = scalars[tag]
-      right.plot(steps, values, ls, marker="o", ms=3, color=f"C{i}",
-                 label=tag + (f" ({label})" if len(runs) > 1 else ""))
+      right.plot(steps, values, styles[r % len(styles)], marker=markers[r % len(markers)], ms=4,
+                 color=f"C{maps.index(tag)}", label=tag + suffix(label))
   unit = f"step ({steps_per_epoch} steps / epoch)" if steps_per_epoch else "step"
   left.set_title("training loss terms", fontsize=9)
   right.set_title("mAP", fontsize=9)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import synthetic
 from stmn_jax import app
@@ -135,47 +136,61 @@ def test_visrank_folders_follow_a_direct_ranking(visualized):
       assert folder.endswith("_TRUE" if gallery[j].pid == t.pid else "_FALSE"), folder
 
 
-def _spatial_probs(model, x, config):
-  """Direct: trunk -> spatial-query stage -> rows -> SpatialMemory.address -> (n, h*w, M)."""
-  queries = model.spatial_query_stage(model.trunk(jnp.asarray(x)))
-  rows = memory.to_query_rows(queries, config.model.smem_layout)
-  return np.asarray(model.spatial_memory.address(rows))
-
-
-def _temporal_probs(model, x, config):
-  """Direct, x (B, L, H, W, 3): pooled temporal queries -> LSTM -> cosine logits vs the keys
-  -> softmax (B, N)."""
+def _direct(model, x, config):
+  """Direct computations on clips x (B, L, H, W, 3): spatial matching probabilities by
+  trunk -> spatial-query stage -> rows -> SpatialMemory.address, (B, L, h*w, M); temporal ones
+  by pooled temporal queries -> LSTM -> cosine logits vs the keys -> softmax, (B, N); and the
+  model's own frame weights (B, L)."""
   b, length = x.shape[:2]
-  tq = jnp.mean(model.temporal_query_stage(model.trunk(jnp.asarray(x.reshape(
-      b * length, *x.shape[2:])))), axis=(1, 2))
-  context = model.temporal_memory.encode(tq.reshape(b, length, -1))
-  logits = memory.memory_logits(context, model.temporal_memory.mem_keys[...],
+  shared = model.trunk(x.reshape(b * length, *x.shape[2:]))
+  rows = memory.to_query_rows(model.spatial_query_stage(shared), config.model.smem_layout)
+  spatial = model.spatial_memory.address(rows)  # (B * L, h*w, M)
+  tq = jnp.mean(model.temporal_query_stage(shared), axis=(1, 2)).reshape(b, length, -1)
+  logits = memory.memory_logits(model.temporal_memory.encode(tq),
+                                model.temporal_memory.mem_keys[...],
                                 config.model.memory_similarity)
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+  return {"spatial": spatial.reshape(b, length, *spatial.shape[1:]),
+          "temporal": jax.nn.softmax(logits, axis=-1), "weights": model(x)["frame_weights"]}
 
 
-def test_memory_probabilities_match_direct_calls(visualized):
+@pytest.fixture(scope="module")
+def direct(visualized):
+  """`_direct` of both models on every clip the JSON records (one batch: one set of shapes)."""
   config, _, _, numbers, state, other, test_split, _, _ = visualized
   tracklets = list(test_split.gallery)  # the default --split
+  keys = []
+  for entry in numbers["memory"]["model"]["temporal"]["rows"]:
+    keys.append((entry["tracklet"], tuple(entry["frames"])))
+  for entry in numbers["temporal_weights"]["tracklets"]:
+    keys += [(entry["tracklet"], tuple(clip)) for clip in entry["clips"]]
+  keys = sorted(set(keys))
+  x = np.stack([_frames(tracklets[t], clip, config) for t, clip in keys])
+  index = {k: i for i, k in enumerate(keys)}
+  graph = state.model_def_eval  # both models: one graph, compiled once
+  fn = jax.jit(lambda model_state, x: _direct(nnx.merge(graph, model_state), x, config))
+  return index, {name: jax.device_get(fn(jax.device_get(st.model_state), x))
+                 for name, st in (("model", state), ("compare", other))}
+
+
+def test_memory_probabilities_match_direct_calls(visualized, direct):
+  config, _, _, numbers, *_ = visualized
+  index, out = direct
   mem = numbers["memory"]
   assert set(mem) == {"model", "compare"}
-  for name, st in (("model", state), ("compare", other)):
-    model = st.model()
+  for name in ("model", "compare"):
     spatial, temporal = mem[name]["spatial"]["rows"], mem[name]["temporal"]["rows"]
     assert len(spatial) == len(temporal) == config.visualize.memory_tracklets
     probs = np.asarray([r["probs"] for r in spatial])
     assert probs.shape == (len(spatial), config.model.spatial_slots)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    x = np.concatenate([_frames(tracklets[r["tracklet"]], [r["frames"][r["frame"]]], config)
-                        for r in spatial])
-    direct = _spatial_probs(model, x, config)
-    np.testing.assert_allclose(probs, direct[np.arange(len(spatial)),
-                                             [r["location"] for r in spatial]], atol=2e-5)
+    want = [out[name]["spatial"][index[(r["tracklet"], tuple(r["frames"]))], r["frame"],
+                                 r["location"]] for r in spatial]
+    np.testing.assert_allclose(probs, want, atol=2e-5)
     tprobs = np.asarray([r["probs"] for r in temporal])
     assert tprobs.shape == (len(temporal), config.model.temporal_slots)
     np.testing.assert_allclose(tprobs.sum(axis=1), 1.0, atol=1e-5)
-    x = np.stack([_frames(tracklets[r["tracklet"]], r["frames"], config) for r in temporal])
-    np.testing.assert_allclose(tprobs, _temporal_probs(model, x, config), atol=2e-5)
+    want = [out[name]["temporal"][index[(r["tracklet"], tuple(r["frames"]))]] for r in temporal]
+    np.testing.assert_allclose(tprobs, want, atol=2e-5)
     # Both models were fed the same clips, frames and locations.
     other_rows = mem["compare" if name == "model" else "model"]["spatial"]["rows"]
     assert [(r["tracklet"], r["frames"], r["frame"], r["location"]) for r in spatial] == [
@@ -188,21 +203,17 @@ def test_memory_probabilities_match_direct_calls(visualized):
                          mem["compare"]["spatial"]["rows"][0]["probs"])
 
 
-def test_temporal_weights_equal_the_model_output(visualized):
-  config, _, _, numbers, state, _, test_split, _, _ = visualized
-  tracklets = list(test_split.gallery)
+def test_temporal_weights_equal_the_model_output(visualized, direct):
+  config, _, _, numbers, *_ = visualized
+  index, out = direct
   tw = numbers["temporal_weights"]
   assert tw["tracklets"], "no tracklet picked for the temporal-weights figure"
-  clips, weights = [], []
   for entry in tw["tracklets"]:
     assert entry["kind"] in visualize.WEIGHT_KINDS
     assert entry["clips"][0] == list(range(config.data.seq_len))  # consecutive clips
-    t = tracklets[entry["tracklet"]]
-    clips += [_frames(t, clip, config) for clip in entry["clips"]]
-    weights += entry["weights"]
-  direct = np.asarray(state.model()(jnp.asarray(np.stack(clips)))["frame_weights"])
-  np.testing.assert_allclose(weights, direct, atol=2e-5)
-  np.testing.assert_allclose(np.sum(weights, axis=1), 1.0, atol=1e-5)
+    want = [out["model"]["weights"][index[(entry["tracklet"], tuple(c))]] for c in entry["clips"]]
+    np.testing.assert_allclose(entry["weights"], want, atol=2e-5)
+    np.testing.assert_allclose(np.sum(entry["weights"], axis=1), 1.0, atol=1e-5)
   any_kind = tw["distractor_vs_clean"]["any"]
   assert any_kind["uniform"] == pytest.approx(1.0 / config.data.seq_len)
 
