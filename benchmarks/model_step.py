@@ -202,7 +202,8 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
   mesh = sharding.make_mesh()
   batch, length, h, w = d.num_ids_per_batch * d.num_tracklets_per_id, d.seq_len, d.height, d.width
   split = None
-  num_classes = 218  # train ids of the default benchmark minus validation; from data below
+  # Training ids without data: the generator's train ids minus the held-out validation ids.
+  num_classes = config.dataset.synthetic.num_train_ids - config.dataset.num_val_ids
   if with_data:
     import data_pipelines  # pylint: disable=g-import-not-at-top
 
