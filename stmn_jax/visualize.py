@@ -128,7 +128,8 @@ class FrameLoader:
 def make_forward(state, mesh, maps: bool) -> Callable:
   """Jitted `(model_state, frames (B, L, H, W, 3)) -> dict` of the outputs figures read:
   `spatial_probs` (B, L, h*w, M), `temporal_probs` (B, N), `frame_weights` (B, L) where the
-  model has them; with `maps` also `norm_change` (B, L, h, w) = ||f_s|| - ||f_o|| (STMN)."""
+  model has them; with `maps` also `norm_change` (B, L, h, w) = ||f_s|| - ||f_o|| and
+  `value_norm` (B, L, h, w) = ||f_o|| (STMN)."""
   from stmn_jax.models import stmn  # pylint: disable=g-import-not-at-top
 
   model_def = state.model_def_eval
@@ -139,6 +140,7 @@ def make_forward(state, mesh, maps: bool) -> Callable:
     res = {k: out[k].astype(jnp.float32) for k in FORWARD_KEYS if k in out}
     if maps:
       res["norm_change"] = stmn.feature_norm_change(out)
+      res["value_norm"] = jnp.linalg.norm(out["value_maps"].astype(jnp.float32), axis=-1)
     return res
 
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
@@ -586,7 +588,8 @@ def _norm_change_step(clips, picks, clutter, tracklets, load, out_dir):
       "camera_clutter": {str(k): s for k, s in clutter.items()},
       "tracklets": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
                      "mean_change": float(change[j].mean()),
-                     "min_change": float(change[j].min()), "max_change": float(change[j].max())}
+                     "min_change": float(change[j].min()), "max_change": float(change[j].max()),
+                     "mean_value_norm": float(out["value_norm"][r].mean())}
                     for j, r in enumerate(first)],
   }
   return png, numbers
