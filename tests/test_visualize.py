@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
+from data_pipelines import sampling
 from stmn_jax import app
-from stmn_jax import export
 from stmn_jax import sharding
 from stmn_jax import train
 from stmn_jax import visualize
@@ -49,16 +49,16 @@ def visualized(tmp_path_factory):
   config = _config(tmp / "data")
   workdir = str(tmp / "stmn")
   # One train step of two: a checkpoint and TensorBoard scalars, no evaluation compiled.
-  _, trained = train.train_and_evaluate(config, workdir, max_steps=1)
+  # The returned state is the one the step-1 checkpoint holds.
+  state, trained = train.train_and_evaluate(config, workdir, max_steps=1)
   # A second model of the same architecture for --compare_workdir: other parameters, no training.
   mesh = sharding.make_mesh()
   compare = str(tmp / "other")
-  _save(_perturbed_state(config, mesh, 5), compare, 1)
+  other = _perturbed_state(config, mesh, 5)
+  _save(other, compare, 1)
   summary = app.run(config, workdir, "visualize", compare_workdir=compare)
   with open(summary["json"]) as f:
     numbers = json.load(f)
-  state, _, _ = export.restore_model(config, workdir, mesh)
-  other, _, _ = export.restore_model(config, compare, mesh)
   _, _, test_split, _ = train.load_data(config)
   return config, workdir, summary, numbers, state, other, test_split, mesh, trained
 
@@ -97,18 +97,26 @@ def test_every_figure_is_a_valid_png(visualized):
       assert pixels.std() > 10, path  # not a blank canvas
 
 
+def _rrs(tracklet, config):
+  """The tracklet's one RRS test clip (frame indices), as `config.eval.sampling = "rrs"`."""
+  return tuple(int(i) for i in sampling.rrs_test_indices(tracklet.num_frames,
+                                                         config.data.seq_len))
+
+
 def _cosine(q, g):
   q = q / np.linalg.norm(q, axis=1, keepdims=True)
   g = g / np.linalg.norm(g, axis=1, keepdims=True)
   return 1.0 - q @ g.T
 
 
-def test_visrank_folders_follow_a_direct_ranking(visualized):
-  config, workdir, _, numbers, state, _, test_split, mesh, _ = visualized
+def test_visrank_folders_follow_a_direct_ranking(visualized, direct):
+  config, workdir, _, numbers, _, _, test_split, _, _ = visualized
+  index, out = direct
   query, gallery = list(test_split.query), list(test_split.gallery)
-  feats = export.embed_tracklets(state, query + gallery, config, mesh)
-  q, g = feats[:len(query)], feats[len(query):]
-  dist = _cosine(q, g)
+  # Embeddings of the eval-mode model on each tracklet's RRS test clip (config: rrs, no flip).
+  q, g = ([out["model"]["embedding"][index[(t, _rrs(t, config))]] for t in part]
+          for part in (query, gallery))
+  dist = _cosine(np.asarray(q), np.asarray(g))
   root = os.path.join(workdir, "visualize", "visrank")
   assert numbers["ranking"]["visrank_queries"] == len(query)
   assert sorted(os.listdir(root)) == sorted(
@@ -140,7 +148,7 @@ def _direct(model, x, config):
   """Direct computations on clips x (B, L, H, W, 3): spatial matching probabilities by
   trunk -> spatial-query stage -> rows -> SpatialMemory.address, (B, L, h*w, M); temporal ones
   by pooled temporal queries -> LSTM -> cosine logits vs the keys -> softmax, (B, N); and the
-  model's own frame weights (B, L)."""
+  model's own frame weights (B, L) and embeddings (B, D)."""
   b, length = x.shape[:2]
   shared = model.trunk(x.reshape(b * length, *x.shape[2:]))
   rows = memory.to_query_rows(model.spatial_query_stage(shared), config.model.smem_layout)
@@ -149,8 +157,10 @@ def _direct(model, x, config):
   logits = memory.memory_logits(model.temporal_memory.encode(tq),
                                 model.temporal_memory.mem_keys[...],
                                 config.model.memory_similarity)
+  out = model(x)
   return {"spatial": spatial.reshape(b, length, *spatial.shape[1:]),
-          "temporal": jax.nn.softmax(logits, axis=-1), "weights": model(x)["frame_weights"]}
+          "temporal": jax.nn.softmax(logits, axis=-1), "weights": out["frame_weights"],
+          "embedding": out["embedding"]}
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +168,15 @@ def direct(visualized):
   """`_direct` of both models on every clip the JSON records (one batch: one set of shapes)."""
   config, _, _, numbers, state, other, test_split, _, _ = visualized
   tracklets = list(test_split.gallery)  # the default --split
-  keys = []
-  for entry in numbers["memory"]["model"]["temporal"]["rows"]:
-    keys.append((entry["tracklet"], tuple(entry["frames"])))
+  keys = [(tracklets[e["tracklet"]], tuple(e["frames"]))
+          for e in numbers["memory"]["model"]["temporal"]["rows"]]
   for entry in numbers["temporal_weights"]["tracklets"]:
-    keys += [(entry["tracklet"], tuple(clip)) for clip in entry["clips"]]
-  keys = sorted(set(keys))
-  x = np.stack([_frames(tracklets[t], clip, config) for t, clip in keys])
-  index = {k: i for i, k in enumerate(keys)}
+    keys += [(tracklets[entry["tracklet"]], tuple(clip)) for clip in entry["clips"]]
+  keys += [(t, _rrs(t, config)) for t in list(test_split.query) + tracklets]
+  index = {}
+  for k in keys:
+    index.setdefault(k, len(index))
+  x = np.stack([_frames(t, clip, config) for t, clip in index])
   graph = state.model_def_eval  # both models: one graph, compiled once
   fn = jax.jit(lambda model_state, x: _direct(nnx.merge(graph, model_state), x, config))
   return index, {name: jax.device_get(fn(jax.device_get(st.model_state), x))
@@ -174,6 +185,7 @@ def direct(visualized):
 
 def test_memory_probabilities_match_direct_calls(visualized, direct):
   config, _, _, numbers, *_ = visualized
+  tracklets = list(visualized[6].gallery)  # the default --split
   index, out = direct
   mem = numbers["memory"]
   assert set(mem) == {"model", "compare"}
@@ -183,13 +195,14 @@ def test_memory_probabilities_match_direct_calls(visualized, direct):
     probs = np.asarray([r["probs"] for r in spatial])
     assert probs.shape == (len(spatial), config.model.spatial_slots)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    want = [out[name]["spatial"][index[(r["tracklet"], tuple(r["frames"]))], r["frame"],
-                                 r["location"]] for r in spatial]
+    want = [out[name]["spatial"][index[(tracklets[r["tracklet"]], tuple(r["frames"]))],
+                                 r["frame"], r["location"]] for r in spatial]
     np.testing.assert_allclose(probs, want, atol=2e-5)
     tprobs = np.asarray([r["probs"] for r in temporal])
     assert tprobs.shape == (len(temporal), config.model.temporal_slots)
     np.testing.assert_allclose(tprobs.sum(axis=1), 1.0, atol=1e-5)
-    want = [out[name]["temporal"][index[(r["tracklet"], tuple(r["frames"]))]] for r in temporal]
+    want = [out[name]["temporal"][index[(tracklets[r["tracklet"]], tuple(r["frames"]))]]
+            for r in temporal]
     np.testing.assert_allclose(tprobs, want, atol=2e-5)
     # Both models were fed the same clips, frames and locations.
     other_rows = mem["compare" if name == "model" else "model"]["spatial"]["rows"]
@@ -205,13 +218,15 @@ def test_memory_probabilities_match_direct_calls(visualized, direct):
 
 def test_temporal_weights_equal_the_model_output(visualized, direct):
   config, _, _, numbers, *_ = visualized
+  tracklets = list(visualized[6].gallery)
   index, out = direct
   tw = numbers["temporal_weights"]
   assert tw["tracklets"], "no tracklet picked for the temporal-weights figure"
   for entry in tw["tracklets"]:
     assert entry["kind"] in visualize.WEIGHT_KINDS
     assert entry["clips"][0] == list(range(config.data.seq_len))  # consecutive clips
-    want = [out["model"]["weights"][index[(entry["tracklet"], tuple(c))]] for c in entry["clips"]]
+    t = tracklets[entry["tracklet"]]
+    want = [out["model"]["weights"][index[(t, tuple(c))]] for c in entry["clips"]]
     np.testing.assert_allclose(entry["weights"], want, atol=2e-5)
     np.testing.assert_allclose(np.sum(entry["weights"], axis=1), 1.0, atol=1e-5)
   any_kind = tw["distractor_vs_clean"]["any"]
