@@ -352,15 +352,21 @@ def paired_differences(records: Sequence[dict], sampling: str, metric: str,
 
 def difference_table(records: Sequence[dict], models: Sequence[str],
                      benches: Sequence[str]) -> str:
-  """Markdown: each model minus the baseline (same bench, same seed), and distractors minus
-  clean (same model, same seed), for all-frames mAP and R1."""
+  """Markdown: each model minus the baseline, with minus without the spread loss, both memories
+  minus one (same bench, same seed), and distractors minus clean (same model, same seed), for
+  all-frames mAP and R1 and RRS mAP."""
   cols = [("all_frames", "mAP"), ("all_frames", "R1"), ("rrs", "mAP")]
   head = ["difference"] + [f"{SAMPLING_LABELS[s]} {m}" for s, m in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   rows: list[tuple[str, tuple[str, str], tuple[str, str]]] = []
+  extra = [("sm", "sm_nospread"), ("tm", "tm_nospread"), ("stmn", "stmn_nospread"),
+           ("stmn", "sm"), ("stmn", "tm"), ("stmn_nospread", "sm_nospread"),
+           ("stmn_nospread", "tm_nospread")]  # spread loss; the second memory on top of one
   for bench in benches:
     rows += [(f"{bench}: `{m}` - `baseline`", (bench, m), (bench, "baseline"))
              for m in models if m != "baseline"]
+    rows += [(f"{bench}: `{a}` - `{b}`", (bench, a), (bench, b))
+             for a, b in extra if a in models and b in models]
   if "distractors" in benches and "clean" in benches:
     rows += [(f"`{m}`: distractors - clean", ("distractors", m), ("clean", m)) for m in models]
   for label, a, b in rows:

@@ -192,6 +192,11 @@ def test_aggregate_table_and_markers(tmp_path, monkeypatch):
   dt = ablation.difference_table(records, models, benches)
   assert f"{diff['mean']:.1f} ± {diff['std']:.1f} (n=2)" in dt
   assert "`stmn`: distractors - clean" in dt
+  assert "`stmn` - `sm`" not in dt  # sm was not run
+  full = ablation.difference_table(
+      [dict(r, model="stmn_nospread") for r in records if r["model"] == "stmn"] + records,
+      ["baseline", "stmn_nospread", "stmn"], benches)
+  assert "distractors: `stmn` - `stmn_nospread` | 0.0 ± 0.0 (n=3)" in full
 
   body = ablation.render(records, models, benches, seeds, "workdir/ablation", "abc123", 1)
   assert "abc123" in body and "the sum over the 11 runs is 44 s" in body
