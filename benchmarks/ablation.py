@@ -488,7 +488,7 @@ def render(records: Sequence[dict], models: Sequence[str], benches: Sequence[str
       "Commands (from the repository root; the runner sets `JAX_COMPILATION_CACHE_DIR="
       f"{workdir}/jax_cache`, `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`). One row = these "
       "two commands for each seed `k`; the first trains and writes the RRS numbers, the second "
-      "evaluates the same best checkpoint with all frames:",
+      "evaluates the same checkpoint (best on validation, else final) with all frames:",
       "",
       "```sh",
   ]
