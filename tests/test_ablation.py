@@ -223,3 +223,15 @@ def test_cli_dry_run_prints_every_run(capsys):
   assert out.count("clutter_density=0.0") == 8
   with pytest.raises(SystemExit, match="--models"):
     ablation.main(["--dry-run", "--models=nope"])
+
+
+def test_ablation_word_only_for_the_synthetic_config():
+  from configs import mars, synthetic
+
+  c = synthetic.get_config("tm,ablation")
+  base = synthetic.get_config("tm")
+  assert (c.model.width, c.dataset.num_val_ids, c.optim.learning_rate) == (0.125, 0, 3e-3)
+  assert c.model.temporal_memory and not c.model.spatial_memory
+  assert c.dataset.root != base.dataset.root  # its own benchmark folder
+  with pytest.raises(ValueError, match="ablation"):
+    mars.get_config("ablation")
