@@ -131,7 +131,8 @@ def eval_command(run: Run, workdir: str) -> list[str]:
 
 
 def shell(cmd: Sequence[str]) -> str:
-  return " ".join(shlex.quote(c) for c in cmd)
+  """The command as one shell line, paths inside the repository shown relative to its root."""
+  return " ".join(shlex.quote(c.replace(REPO + os.sep, "")) for c in cmd)
 
 
 def subprocess_env(workdir: str, jobs: int) -> dict[str, str]:
