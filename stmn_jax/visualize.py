@@ -692,6 +692,16 @@ def _ranking_step(state, test_split, config, mesh, out_dir, topk):
                "ranked_pngs": pngs}
 
 
+def _steps_per_epoch(workdir: str) -> int | None:
+  """`steps_per_epoch` from W/results.json, or None (curves then use steps) when it is missing
+  or unreadable."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return json.load(f).get("steps_per_epoch")
+  except (OSError, ValueError):
+    return None
+
+
 def _curves_step(workdir, compare_workdir, labels, out_dir):
   runs = {labels["model"]: read_scalars(workdir)}
   if compare_workdir:
@@ -699,13 +709,7 @@ def _curves_step(workdir, compare_workdir, labels, out_dir):
   if not any(runs.values()):
     logging.warning("curves: no TensorBoard scalars in %s; skipped", workdir)
     return None, {"skipped": "no TensorBoard scalars"}
-  spe = None
-  try:
-    with open(os.path.join(workdir, "results.json")) as f:
-      spe = json.load(f).get("steps_per_epoch")
-  except (OSError, ValueError):
-    pass
-  png = curves_figure(os.path.join(out_dir, "curves.png"), runs, spe)
+  png = curves_figure(os.path.join(out_dir, "curves.png"), runs, _steps_per_epoch(workdir))
   return png, {label: {"loss_tags": loss_tags(s),
                        "mAP": {t: s[t][1].tolist() for t in s if t.endswith("_mAP")},
                        "mAP_steps": {t: s[t][0].tolist() for t in s if t.endswith("_mAP")}}
