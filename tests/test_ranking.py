@@ -1,9 +1,9 @@
-"""`evaluation.rank` (vectorised, JAX) against the per-query NumPy loop and hand examples."""
+"""`ranking.rank` (vectorised, JAX) against the per-query NumPy loop and hand examples."""
 
 import numpy as np
 import pytest
 
-from stmn_jax import evaluation
+from stmn_jax import ranking
 
 
 def random_case(rng, num_q, num_g, num_ids=8, num_cams=3, levels=5):
@@ -31,10 +31,10 @@ def assert_same(a, b):
 def test_rank_matches_reference_loop(seed, ap):
   rng = np.random.default_rng(seed)
   case = random_case(rng, num_q=40, num_g=150)
-  ref = evaluation.rank_reference(*case, max_rank=12, ap=ap)
+  ref = ranking.rank_reference(*case, max_rank=12, ap=ap)
   assert ref["num_queries_without_match"] > 0  # the case exercises skipped queries
   for chunk_size in (1, 16, 48, 2048):
-    assert_same(evaluation.rank(*case, max_rank=12, ap=ap, chunk_size=chunk_size), ref)
+    assert_same(ranking.rank(*case, max_rank=12, ap=ap, chunk_size=chunk_size), ref)
 
 
 def test_rank_reference_is_a_stable_argsort_loop():
@@ -46,7 +46,7 @@ def test_rank_reference_is_a_stable_argsort_loop():
           if g_pids[g] != -1 and not (g_pids[g] == 1 and g_cams[g] == q_cams[0])]
   hits = [i for i, g in enumerate(keep) if g_pids[g] == 1]
   ap = np.mean([(k + 1) / (r + 1) for k, r in enumerate(hits)])
-  res = evaluation.rank_reference(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=5)
+  res = ranking.rank_reference(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=5)
   assert res["mAP"] == pytest.approx(ap)
   assert res["mINP"] == pytest.approx(len(hits) / (hits[-1] + 1))
   np.testing.assert_array_equal(res["cmc"], [float(hits[0] <= j) for j in range(5)])
@@ -62,7 +62,7 @@ def test_rank_float_ties_and_large_gallery_ids():
   q_cams, g_cams = rng.integers(10, 13, 30), rng.integers(10, 13, 400)
   args = (distmat, q_pids, g_pids, q_cams, g_cams)
   for ap in ("noninterp", "matlab"):
-    assert_same(evaluation.rank(*args, max_rank=50, ap=ap), evaluation.rank_reference(
+    assert_same(ranking.rank(*args, max_rank=50, ap=ap), ranking.rank_reference(
         *args, max_rank=50, ap=ap))
 
 
@@ -71,7 +71,7 @@ def test_rank_infinite_distances():
   case = list(random_case(rng, 20, 80))
   case[0][rng.random(case[0].shape) < 0.2] = np.inf
   case[0][rng.random(case[0].shape) < 0.1] = -np.inf
-  assert_same(evaluation.rank(*case), evaluation.rank_reference(*case))
+  assert_same(ranking.rank(*case), ranking.rank_reference(*case))
 
 
 def test_hand_example_known_values():
@@ -86,13 +86,13 @@ def test_hand_example_known_values():
   g_cams = np.array([1, 1, 0, 1, 2, 0])
   q_pids, q_cams = np.array([1, 9]), np.array([0, 0])
   args = (distmat, q_pids, g_pids, q_cams, g_cams)
-  res = evaluation.rank(*args, max_rank=4)
+  res = ranking.rank(*args, max_rank=4)
   np.testing.assert_allclose(res["cmc"], [0.0, 1.0, 1.0, 1.0])
   assert res["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)
   assert res["mINP"] == pytest.approx(2 / 4)
   assert (res["num_valid_queries"], res["num_queries_without_match"]) == (1, 1)
   # MATLAB trapezoid: (0 + 1/2)/2 * 1/2 + (1/3 + 2/4)/2 * 1/2 = 1/3.
-  assert evaluation.rank(*args, ap="matlab")["mAP"] == pytest.approx(1 / 3)
+  assert ranking.rank(*args, ap="matlab")["mAP"] == pytest.approx(1 / 3)
 
 
 def test_ties_break_by_gallery_order():
@@ -100,18 +100,18 @@ def test_ties_break_by_gallery_order():
   distmat = np.ones((1, 4), np.float32)
   q_pids, q_cams = np.array([1]), np.array([0])
   g_cams = np.array([1, 1, 1, 1])
-  late = evaluation.rank(distmat, q_pids, np.array([2, 1, 1, 2]), q_cams, g_cams, max_rank=2)
+  late = ranking.rank(distmat, q_pids, np.array([2, 1, 1, 2]), q_cams, g_cams, max_rank=2)
   assert late["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
   np.testing.assert_allclose(late["cmc"], [0.0, 1.0])
   assert late["mINP"] == pytest.approx(2 / 3)
-  early = evaluation.rank(distmat, q_pids, np.array([1, 2, 2, 1]), q_cams, g_cams, max_rank=2)
+  early = ranking.rank(distmat, q_pids, np.array([1, 2, 2, 1]), q_cams, g_cams, max_rank=2)
   assert early["mAP"] == pytest.approx((1 + 2 / 4) / 2)
   np.testing.assert_allclose(early["cmc"], [1.0, 1.0])
 
 
 def test_max_rank_beyond_gallery_saturates():
   distmat = np.array([[0.3, 0.1, 0.2]], np.float32)
-  res = evaluation.rank(distmat, [1], [2, 2, 1], [0], [1, 1, 1], max_rank=5)
+  res = ranking.rank(distmat, [1], [2, 2, 1], [0], [1, 1, 1], max_rank=5)
   np.testing.assert_allclose(res["cmc"], [0, 1, 1, 1, 1])  # hit at 0-based position 1
 
 
@@ -119,17 +119,17 @@ def test_rank_errors():
   distmat = np.zeros((2, 3), np.float32)
   ok = ([1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
   with pytest.raises(ValueError, match="g_pids"):
-    evaluation.rank(distmat, [1, 2], [1, 2], [0, 0], [1, 1, 1])
+    ranking.rank(distmat, [1, 2], [1, 2], [0, 0], [1, 1, 1])
   with pytest.raises(ValueError, match="ap"):
-    evaluation.rank(distmat, *ok, ap="interp")
+    ranking.rank(distmat, *ok, ap="interp")
   with pytest.raises(ValueError, match="no|none"):
-    evaluation.rank(distmat, [5, 6], [1, 2, 3], [0, 0], [1, 1, 1])
+    ranking.rank(distmat, [5, 6], [1, 2, 3], [0, 0], [1, 1, 1])
   bad = distmat.copy()
   bad[1, 2] = np.nan
   with pytest.raises(ValueError, match=r"NaN.*\[1\]"):
-    evaluation.rank(bad, *ok)
+    ranking.rank(bad, *ok)
   with pytest.raises(ValueError, match="integer"):
-    evaluation.rank(distmat, [1.5, 2.0], [1, 2, 3], [0, 0], [1, 1, 1])
+    ranking.rank(distmat, [1.5, 2.0], [1, 2, 3], [0, 0], [1, 1, 1])
 
 
 def test_rank_accepts_a_sharded_jax_distmat():
@@ -140,5 +140,5 @@ def test_rank_accepts_a_sharded_jax_distmat():
   distmat, *ids = random_case(rng, 24, 60)
   mesh = jax.make_mesh((4,), ("data",))
   sharded = jax.device_put(distmat, NamedSharding(mesh, P("data")))
-  assert_same(evaluation.rank(sharded, *ids, chunk_size=32), evaluation.rank_reference(
+  assert_same(ranking.rank(sharded, *ids, chunk_size=32), ranking.rank_reference(
       distmat, *ids))

@@ -1,4 +1,4 @@
-"""`evaluation.rank_streaming` / `rank_distance_blocks` (gallery streamed in chunks) against the
+"""`ranking.rank_streaming` / `rank_distance_blocks` (gallery streamed in chunks) against the
 in-memory `rank`, the per-query NumPy loop and a brute-force top-k."""
 
 import json
@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from stmn_jax import evaluation, sharding
+from benchmarks import ranking as ranking_benchmark
+from stmn_jax import ranking, sharding
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -52,8 +53,8 @@ def test_distance_blocks_equal_rank_bit_for_bit(ap):
   distmat = rng.integers(0, 6, (NUM_Q, NUM_G)).astype(np.float32)  # many exact ties
   distmat[3, :7] = [-np.inf, np.inf, np.inf, -0.0, 0.0, -np.inf, 0.0]  # +-inf and signed zeros
   args = (distmat, q_pids, g_pids, q_cams, g_cams)
-  ref = evaluation.rank(*args, max_rank=15, ap=ap)
-  loop = evaluation.rank_reference(*args, max_rank=15, ap=ap)
+  ref = ranking.rank(*args, max_rank=15, ap=ap)
+  loop = ranking.rank_reference(*args, max_rank=15, ap=ap)
   assert ref["num_queries_without_match"] >= 2 and 0 < ref["mAP"] < 1
   np.testing.assert_allclose(ref["cmc"], loop["cmc"], atol=1e-12)
   assert ref["mAP"] == pytest.approx(loop["mAP"], abs=1e-12)
@@ -64,7 +65,7 @@ def test_distance_blocks_equal_rank_bit_for_bit(ap):
       (lambda: iter(uneven_blocks(distmat, g_pids, g_cams, [0, 100, 201])), 64),  # callable
   ]
   for source, chunk in sources:
-    got = evaluation.rank_distance_blocks(
+    got = ranking.rank_distance_blocks(
         source, q_pids, q_cams, max_rank=15, ap=ap, gallery_chunk=chunk)
     assert_identical(got, ref)
     assert got["num_gallery"] == NUM_G
@@ -79,11 +80,11 @@ def test_features_equal_in_memory_rank_and_devices_agree():
   g = rng.integers(-1, 2, (NUM_G, DIM)).astype(np.float32)
   one, four = sharding.make_mesh(1), sharding.make_mesh(4)
   for metric, configs in (("sqeuclidean", ((one, 40), (four, 40))), ("euclidean", ((four, 52),))):
-    distmat = evaluation.pairwise_distance(q, g, metric)
-    ref = evaluation.rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    distmat = ranking.pairwise_distance(q, g, metric)
+    ref = ranking.rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
     assert np.mean([r.size - np.unique(r).size for r in distmat]) > NUM_G / 2  # ties
     runs = [
-        evaluation.rank_streaming(q, q_pids, q_cams, (g, g_pids, g_cams), metric=metric,
+        ranking.rank_streaming(q, q_pids, q_cams, (g, g_pids, g_cams), metric=metric,
                                   max_rank=10, gallery_chunk=chunk, topk=6, mesh=mesh)
         for mesh, chunk in configs
     ]
@@ -105,13 +106,13 @@ def test_topk_edges_and_cmc_agree_with_topk():
   distmat = rng.integers(0, 3, (NUM_Q, num_g)).astype(np.float32)
   distmat[:, 25:] = np.inf
   k = 12
-  got = evaluation.rank_distance_blocks((distmat, g_pids, g_cams), q_pids, q_cams, max_rank=k,
+  got = ranking.rank_distance_blocks((distmat, g_pids, g_cams), q_pids, q_cams, max_rank=k,
                                         gallery_chunk=8, topk=k)
   want_idx, want_dist = brute_topk(distmat, q_pids, g_pids, q_cams, g_cams, k)
   assert (want_idx == -1).any() and np.isinf(want_dist[want_idx >= 0]).any()
   np.testing.assert_array_equal(got["topk_index"], want_idx)
   np.testing.assert_array_equal(got["topk_distance"], want_dist)
-  assert_identical(got, evaluation.rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=k))
+  assert_identical(got, ranking.rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=k))
   # CMC@j from the top-k lists: a true match (same pid, other camera) among the first j.
   valid = [i for i in range(NUM_Q)
            if ((g_pids == q_pids[i]) & (g_cams != q_cams[i]) & (q_pids[i] != -1)).any()]
@@ -143,9 +144,9 @@ def test_real_features_against_the_numpy_loop(tmp_path):
   np.save(tmp_path / "g.npy", g)
   mapped = np.load(tmp_path / "g.npy", mmap_mode="r", allow_pickle=False)
   for ap in ("noninterp", "matlab"):
-    want = evaluation.rank_reference(exact, q_pids, g_pids, q_cams, g_cams, max_rank=10, ap=ap)
+    want = ranking.rank_reference(exact, q_pids, g_pids, q_cams, g_cams, max_rank=10, ap=ap)
     for gallery in ((g, g_pids, g_cams), (mapped, g_pids, g_cams)):
-      got = evaluation.rank_streaming(q, q_pids, q_cams, gallery, max_rank=10, ap=ap,
+      got = ranking.rank_streaming(q, q_pids, q_cams, gallery, max_rank=10, ap=ap,
                                       gallery_chunk=40)
       np.testing.assert_allclose(got["cmc"], want["cmc"], rtol=0, atol=1e-12)
       assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-12)
@@ -158,7 +159,7 @@ def test_bad_input_is_named():
   q_pids, g_pids, q_cams, g_cams = ids(rng)
   q = rng.standard_normal((NUM_Q, DIM)).astype(np.float32)
   g = rng.standard_normal((NUM_G, DIM)).astype(np.float32)
-  run = lambda *a, **kw: evaluation.rank_streaming(*a, gallery_chunk=40, **kw)
+  run = lambda *a, **kw: ranking.rank_streaming(*a, gallery_chunk=40, **kw)
   with pytest.raises(ValueError, match=r"gallery chunk 0 .*feature dim D = 5"):
     run(q, q_pids, q_cams, (g[:, :4], g_pids, g_cams))
   with pytest.raises(ValueError, match=r"q_camids: expected shape \(24,\)"):
@@ -188,14 +189,14 @@ def test_bad_input_is_named():
   distmat = np.zeros((NUM_Q, NUM_G), np.float32)
   distmat[5, 199] = np.nan
   with pytest.raises(ValueError, match=r"distance blocks: NaN distances at gallery row\(s\) \[199"):
-    evaluation.rank_distance_blocks((distmat, g_pids, g_cams), q_pids, q_cams, gallery_chunk=40)
+    ranking.rank_distance_blocks((distmat, g_pids, g_cams), q_pids, q_cams, gallery_chunk=40)
 
 
 def write_extracted(path, feats, pids, cams):
   np.save(path, feats)
   with open(str(path)[:-4] + ".csv", "w") as f:
-    f.write("tracklet,pid,camera\n")
-    f.writelines(f"{i},{p},{c}\n" for i, (p, c) in enumerate(zip(pids, cams)))
+    f.write("tracklet,pid,camera,num_frames,first_frame\n")
+    f.writelines(f"{i},{p},{c},4,f{i}.jpg\n" for i, (p, c) in enumerate(zip(pids, cams)))
 
 
 def test_cli_streams_and_prints_the_same(tmp_path, capsys):
@@ -209,20 +210,18 @@ def test_cli_streams_and_prints_the_same(tmp_path, capsys):
           "--distance=euclidean", "--json"]
   outs = []
   for extra in ([], ["--stream", "--gallery_chunk=40"], ["--stream_above=100"]):
-    assert evaluation.main(base + extra) == 0
+    assert ranking.cli.main(base + extra) == 0
     outs.append(json.loads(capsys.readouterr().out))
   assert "streamed" not in outs[0] and outs[1]["streamed"] and outs[2]["streamed"]
   for out in outs[1:]:
     for key in ("cmc", "mAP", "mINP", "R1", "R5", "num_valid_queries"):
       assert out[key] == outs[0][key]
-  assert evaluation.main(base + ["--stream", "--rerank"]) == 2
+  assert ranking.cli.main(base + ["--stream", "--rerank"]) == 2
   assert "--rerank" in capsys.readouterr().err
 
 
 def test_tiny_scaling_run_output():
-  from benchmarks import ranking  # pylint: disable=g-import-not-at-top
-
-  out = ranking.scaling([1000, 2000], [8], num_q=20, chunk=256, topk=3, isolate=False)
+  out = ranking_benchmark.scaling([1000, 2000], [8], num_q=20, chunk=256, topk=3, isolate=False)
   assert [(r["dim"], r["gallery"], r["num_gallery"]) for r in out["scaling"]] == [
       (8, 1000, 1000), (8, 2000, 2000)]
   for r in out["scaling"]:
