@@ -1,4 +1,4 @@
-"""Ranking benchmark at MARS size: `stmn_jax.evaluation.rank` vs the per-query NumPy loop.
+"""Ranking benchmark at MARS size: `stmn_jax.ranking.rank` vs the per-query NumPy loop.
 
     python -m benchmarks.ranking [--queries=1980 --gallery=11310 --dim=2048 --repeats=5]
                                  [--ap=noninterp|matlab --junk=0 --chunk_size=2048]
@@ -11,7 +11,7 @@ Checks that both rankings give identical results, prints both times (JAX compile
 speed-up and peak memory, and ends with one JSON line. Also ranks the same features with
 `rank_streaming` and reports its time and whether its metrics are bit-identical.
 
-Scaling of the streamed ranking (`stmn_jax.evaluation.rank_streaming`, issue #8):
+Scaling of the streamed ranking (`stmn_jax.ranking.rank_streaming`, issue #8):
 
     python -m benchmarks.ranking --scaling [--sizes=1e4,1e5,1e6 --dims=128,2048 --queries=2000]
                                            [--gallery_chunk=N --topk=10 --no_isolate]
@@ -29,11 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 
+import jax
 import numpy as np
+
+from stmn_jax import ranking
+from stmn_jax.ranking import distances, streaming
 
 
 def make_structure(num_q: int, num_g: int, num_ids: int, distractors: int, num_cams: int,
@@ -169,8 +175,6 @@ class CompileTime:
   _registered = False
 
   def __enter__(self):
-    import jax  # pylint: disable=g-import-not-at-top
-
     if not CompileTime._registered:
       jax.monitoring.register_event_duration_secs_listener(CompileTime._listen)
       CompileTime._registered = True
@@ -188,11 +192,7 @@ class CompileTime:
 
 def distance_gflops(num_q: int, chunk: int, dim: int, repeats: int = 3) -> float:
   """GFLOP/s of the ranking's distance kernel alone on one (Q, D) x (chunk, D) block."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
-
-  kernel = evaluation._distance_block  # pylint: disable=protected-access
+  kernel = distances._distance_block  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   q = jax.device_put(rng.standard_normal((num_q, dim), dtype=np.float32))
   g = jax.device_put(rng.standard_normal((chunk, dim), dtype=np.float32))
@@ -208,19 +208,15 @@ def distance_gflops(num_q: int, chunk: int, dim: int, repeats: int = 3) -> float
 def scaling_one(size: int, dim: int, num_q: int, chunk: int | None, topk: int, seed: int,
                 cams: int) -> dict:
   """One streamed ranking of num_q queries against a generated gallery of `size` items."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
-
   if chunk is None:
-    chunk = evaluation._chunk_rows(  # pylint: disable=protected-access
+    chunk = streaming._chunk_rows(  # pylint: disable=protected-access
         None, num_q, jax.device_count(), None)
   gallery = SyntheticGallery(size, dim, chunk, seed, cams)
   q, q_pids, q_cams = gallery.queries(num_q)
   with PeakRSS() as mem, CompileTime() as comp:
     t = time.perf_counter()
-    res = evaluation.rank_streaming(q, q_pids, q_cams, gallery, metric="cosine",
-                                    gallery_chunk=chunk, topk=topk)
+    res = ranking.rank_streaming(q, q_pids, q_cams, gallery, metric="cosine",
+                                 gallery_chunk=chunk, topk=topk)
     wall = time.perf_counter() - t
   gflops = distance_gflops(num_q, chunk, dim)
   run_s = wall - comp.seconds
@@ -243,9 +239,6 @@ def scaling(sizes, dims, num_q=2000, chunk=None, topk=10, seed=0, cams=6,
             isolate=True) -> dict:
   """`scaling_one` for every (dim, size), each in a fresh process when `isolate` (so that the
   peak RSS of one run does not hide in memory an earlier run left allocated)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
   runs = []
   for dim in dims:
     for size in sizes:
@@ -325,19 +318,17 @@ def main(argv=None) -> dict:
     return summary
   args.queries = args.queries or 1980
 
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
-
   q_pids, g_pids, q_cams, g_cams, q_from_g = make_structure(
       args.queries, args.gallery, args.ids, args.distractors, args.cams, args.junk, args.seed)
   q_feats, g_feats = make_features(g_pids, q_from_g, args.dim, args.seed)
   t = time.perf_counter()
-  distmat = evaluation.pairwise_distance(q_feats, g_feats, "cosine")
+  distmat = ranking.pairwise_distance(q_feats, g_feats, "cosine")
   t_dist = time.perf_counter() - t
   ids = (q_pids, g_pids, q_cams, g_cams)
   # The streamed ranking of the same features (distances recomputed chunk by chunk).
   with PeakRSS() as mem_stream, CompileTime() as comp_stream:
     t = time.perf_counter()
-    res_stream = evaluation.rank_streaming(
+    res_stream = ranking.rank_streaming(
         q_feats, q_pids, q_cams, (g_feats, g_pids, g_cams), metric="cosine",
         max_rank=args.gallery, ap=args.ap, gallery_chunk=args.gallery_chunk)
     t_stream = time.perf_counter() - t
@@ -350,18 +341,18 @@ def main(argv=None) -> dict:
   kw = dict(max_rank=args.gallery, ap=args.ap)
   with PeakRSS() as mem_jax:
     t = time.perf_counter()
-    res_jax = evaluation.rank(distmat, *ids, chunk_size=args.chunk_size, **kw)
+    res_jax = ranking.rank(distmat, *ids, chunk_size=args.chunk_size, **kw)
     t_first = time.perf_counter() - t
     times = []
     for _ in range(args.repeats):
       t = time.perf_counter()
-      res_jax = evaluation.rank(distmat, *ids, chunk_size=args.chunk_size, **kw)
+      res_jax = ranking.rank(distmat, *ids, chunk_size=args.chunk_size, **kw)
       times.append(time.perf_counter() - t)
   t_jax = float(np.median(times))
 
   tracemalloc.start()
   t = time.perf_counter()
-  res_np = evaluation.rank_reference(distmat, *ids, **kw)
+  res_np = ranking.rank_reference(distmat, *ids, **kw)
   t_np = time.perf_counter() - t
   np_peak = tracemalloc.get_traced_memory()[1]
   tracemalloc.stop()
