@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import sys
 
+import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from stmn_jax import app as stmn_app
+from stmn_jax import sharding
 
 DEFAULT_CONFIG = "configs/synthetic.py"
 FLAGS = flags.FLAGS
@@ -52,12 +56,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # TF (tf.data) must not take the accelerators JAX uses.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   tf.config.set_visible_devices([], "GPU")
-  from stmn_jax import app as stmn_app  # pylint: disable=g-import-not-at-top
-  from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
-
   sharding.maybe_initialize_distributed(
       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
@@ -83,10 +82,8 @@ def mode_options(mode: str) -> dict:
 
 
 if __name__ == "__main__":
-  from stmn_jax import app as _stmn_app  # pylint: disable=g-import-not-at-top
-
   try:
-    _stmn_app.check_config_overrides(sys.argv[1:], DEFAULT_CONFIG)
+    stmn_app.check_config_overrides(sys.argv[1:], DEFAULT_CONFIG)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"main.py: {e}")
   define_flags()

@@ -21,14 +21,14 @@ Flax kernels, alternating stock / rewritten steps in one process (`<model>_stock
 `<model>_kernel_speedup`: wall-time ratio of the medians; CPU-time ratio beside it).
 
 Then the synthetic default's main job (configs/synthetic.py: STMN, ResNet-18 w0.25, 64x32,
-L=4, batch 8x4), through train.py's own functions (`create_train_state`, `make_train_step`,
+L=4, batch 8x4), through the engine's own functions (`create_train_state`, `make_train_step`,
 `make_embed_fn`): forward frames/s at the eval batch and train-step s/step on random data
 (`synthetic_*` keys). `--with-data` adds the real input pipeline of that benchmark
 (generated into `--data-root` if missing): `--data-steps` train steps fed by
 `pipeline.train_iterator` + `sharding.prefetch_to_mesh` as in train.py, each step waited for,
 reporting the fraction of the time spent waiting for the next batch
 (`synthetic_data_wait_fraction`); and the evaluation's batched feature extraction
-(`pipeline.eval_iterator` all-frames clips -> `evaluation.extract_features` with
+(`pipeline.eval_iterator` all-frames clips -> `pooling.extract_features` with
 `make_embed_fn`, flip included) over the test split's tracklets, as model frames/s next to the
 plain forward rate (`synthetic_extract_vs_forward`).
 
@@ -52,8 +52,8 @@ from flax import nnx
 
 from configs import common, mars
 from configs import synthetic as synthetic_configs
-from stmn_jax import losses, models, sharding
-from stmn_jax import train as train_lib
+from stmn_jax import embedding, losses, models, pooling, run_setup, sharding
+from stmn_jax import train_state as train_lib
 from stmn_jax.models import resnet
 
 
@@ -193,7 +193,7 @@ def _global(batch: dict, mesh) -> dict:
 def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False,
                     data_root: str = "", data_steps: int = 20, smoke: bool = False
                     ) -> dict[str, Any]:
-  """The synthetic default's main job (configs/synthetic.py) through train.py's functions:
+  """The synthetic default's main job (configs/synthetic.py) through the engine's functions:
   forward at the eval batch, train step; with data: input-pipeline wait and extraction."""
   config = synthetic_configs.get_config("stmn,smoke" if smoke else "stmn")
   if data_root:
@@ -201,15 +201,11 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
   d = config.data
   mesh = sharding.make_mesh()
   batch, length, h, w = d.num_ids_per_batch * d.num_tracklets_per_id, d.seq_len, d.height, d.width
-  split = None
   # Training ids without data: the generator's train ids minus the held-out validation ids.
   num_classes = config.dataset.synthetic.num_train_ids - config.dataset.num_val_ids
   if with_data:
-    import data_pipelines  # pylint: disable=g-import-not-at-top
-
     t = time.perf_counter()
-    split = data_pipelines.split_from_config(config)
-    train_split = train_lib.load_data(config, split)[0]
+    train_split, _, split, _ = run_setup.load_data(config)
     num_classes = len({t.pid for t in train_split.train})
     data_s = time.perf_counter() - t
   state, lr_fn = train_lib.create_train_state(config, num_classes, 100, mesh)
@@ -225,7 +221,7 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
 
   # ------------------------------------------------------------------ forward (eval batch)
   ev = d.eval_batch_size
-  embed = train_lib.make_embed_fn(state, mesh, flip=False)
+  embed = embedding.make_embed_fn(state, mesh, flip=False)
   frames = _global({"frames": rng.normal(size=(ev, length, h, w, 3)).astype(np.float32)},
                    mesh)["frames"]
   t = time.perf_counter()
@@ -257,8 +253,8 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
     return out
 
   # ------------------------------------------------------------------ real input pipeline
+  # TensorFlow (tf.data) only here: the rest of this benchmark runs where jax alone is installed.
   from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
 
   out["data_load_split_s"] = data_s
   train_iter = pipeline.train_iterator(train_split.train, config, start_step=0,
@@ -283,7 +279,7 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
 
   # ------------------------------------------------------------------ batched extraction
   unique = list(dict.fromkeys(list(split.query) + list(split.gallery)))
-  embed_flip = train_lib.make_embed_fn(state, mesh, config.eval.flip)
+  embed_flip = embedding.make_embed_fn(state, mesh, config.eval.flip)
   jax.block_until_ready(embed_flip(state.model_state, frames))  # compile outside the timing
   counts = {"batches": 0, "clips": 0}
 
@@ -298,7 +294,7 @@ def bench_synthetic(repeats: int, gemm_size: int = 4096, with_data: bool = False
 
   it = pipeline.eval_iterator(unique, config, sampling="all_frames", clips=config.eval.clips)
   t = time.perf_counter()
-  feats = evaluation.extract_features(global_embed, counted(it), len(unique))
+  feats = pooling.extract_features(global_embed, counted(it), len(unique))
   ext = time.perf_counter() - t
   if feats.shape[0] != len(unique) or not np.all(np.isfinite(feats)):
     raise RuntimeError(f"extraction returned {feats.shape} / non-finite features")

@@ -1,13 +1,16 @@
-"""What `main.py` runs: `run(config, workdir, mode)` and the mode registry.
+"""What `main.py` runs: `run(config, workdir, mode)` over a lazy table of modes, and the checks
+of the command line's config arguments.
 
-Modes are plain functions `(config, workdir) -> dict` registered by name; adding one (export,
-extract, search, visualize, ...) is a `@register_mode("name")` function here or in a module
-imported from here, and `main.py --mode=name` picks it up.
+A mode is a function `(config, workdir, **options) -> dict` named in `MODES` as
+`"module:function"`; its module is imported only when the mode runs (the pattern of
+`stmn_jax/models/__init__.py`), so no mode module imports this one and a new mode is one
+module plus one line here.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import os
 from typing import Callable, Sequence
@@ -16,18 +19,23 @@ import jax
 import ml_collections
 from absl import logging
 
-ModeFn = Callable[[ml_collections.ConfigDict, str], dict]
-MODES: dict[str, ModeFn] = {}
+ModeFn = Callable[..., dict]
+MODES: dict[str, str] = {
+    "train": "stmn_jax.train:train_mode",
+    "eval": "stmn_jax.eval_mode:eval_mode",
+    "export": "stmn_jax.export:export_mode",
+    "extract": "stmn_jax.extract:extract_mode",
+    "search": "stmn_jax.retrieval:search_mode",
+    "visualize": "stmn_jax.visualize:visualize_mode",
+}
 
 
-def register_mode(name: str) -> Callable[[ModeFn], ModeFn]:
-  def wrap(fn: ModeFn) -> ModeFn:
-    if name in MODES:
-      raise ValueError(f"mode {name!r} registered twice")
-    MODES[name] = fn
-    return fn
-
-  return wrap
+def get_mode(name: str) -> ModeFn:
+  """The function of mode `name`, its module imported on first use."""
+  if name not in MODES:
+    raise ValueError(f"--mode={name!r}: expected one of {', '.join(sorted(MODES))}")
+  module_name, attr = MODES[name].split(":")
+  return getattr(importlib.import_module(module_name), attr)
 
 
 def _quiet_orbax(record) -> bool:
@@ -40,8 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **
 
   `options` are the mode's own keyword arguments (e.g. `export_dir` for export).
   """
-  if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}: expected one of {', '.join(sorted(MODES))}")
+  fn = get_mode(mode)
   if _quiet_orbax not in logging.get_absl_logger().filters:
     logging.get_absl_logger().addFilter(_quiet_orbax)
   logging.info(
@@ -49,50 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **
       jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices(),
   )
   logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
-  return MODES[mode](config, workdir, **options)
-
-
-@register_mode("train")
-def train_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming if `workdir` has checkpoints), evaluates, writes results.json."""
-  from stmn_jax import train  # pylint: disable=g-import-not-at-top
-
-  _, summary = train.train_and_evaluate(config, workdir)
-  return summary
-
-
-@register_mode("eval")
-def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Restores the best (or latest: `config.eval.checkpoint`) checkpoint, evaluates on test.
-
-  Without training checkpoints, the parameters `--mode=export` wrote (`W/export/params`).
-  """
-  from stmn_jax import export  # pylint: disable=g-import-not-at-top
-  from stmn_jax import sharding  # pylint: disable=g-import-not-at-top
-  from stmn_jax import train  # pylint: disable=g-import-not-at-top
-
-  train.check_config(config)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_config(config, mesh)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"--mode=eval: workdir {workdir} does not exist (train first)")
-  train_split, _, test_split, _ = train.load_data(config)
-  num_classes = len({t.pid for t in train_split.train})
-  state, label, step = export.restore_model(config, workdir, mesh, num_classes=num_classes)
-  results = train.evaluate_tracklets(state, test_split.query, test_split.gallery, config, mesh)
-  print(f"\nTest results ({label}):\n{train.format_results(results)}", flush=True)
-  summary = {"mode": "eval", "test_checkpoint": label, "step": step, "test": results}
-  train.write_results(workdir, summary)
-  return summary
-
-
-# Modes defined in other modules register themselves on import.
-# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
-from stmn_jax import export as _export
-# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
-from stmn_jax import retrieval as _retrieval
-# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
-from stmn_jax import visualize as _visualize
+  return fn(config, workdir, **options)
 
 
 # ------------------------------------------------------------------------------ flags helpers

@@ -29,20 +29,25 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from flax import nnx
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
-from stmn_jax import app
-from stmn_jax import export
-from stmn_jax import retrieval
+from data_pipelines import pipeline
+from data_pipelines.synthetic import generator
+from stmn_jax import figures
+from stmn_jax import inference
+from stmn_jax import ranking
 from stmn_jax import sharding
+from stmn_jax import visrank
 
 PARTS = ("query", "gallery", "train")
 DEFAULT_PART = "gallery"
@@ -50,7 +55,6 @@ DEFAULT_PART = "gallery"
 DISTRACTOR_FLAGS = ("occluded", "misaligned", "out_of_frame", "other_person")
 WEIGHT_KINDS = ("occluded", "misaligned", "none")  # rows of the temporal-weights figure
 FORWARD_KEYS = ("spatial_probs", "temporal_probs", "frame_weights")
-PNG_DPI = 100
 CLUTTER_FRAMES = 16  # frames per camera whose median image scores the camera's clutter
 FIGURES = ("memory_probs", "norm_change", "temporal_weights", "ranked_lists", "curves")
 
@@ -64,31 +68,7 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), stream])
 
 
-def _figure(width: float, height: float):
-  from matplotlib import figure  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
-
-  fig = figure.Figure(figsize=(width, height))
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig, path: str) -> str:
-  fig.savefig(path, format="png", dpi=PNG_DPI, bbox_inches="tight")
-  return path
-
-
 # ------------------------------------------------------------------------------ inputs
-def check_workdir(workdir: str, flag: str = "--workdir") -> None:
-  """Raises FileNotFoundError naming `workdir` when it holds no checkpoint to restore."""
-  if not workdir or not os.path.isdir(workdir):
-    raise FileNotFoundError(f"{flag}={workdir}: no such workdir (train first)")
-  places = [os.path.join(workdir, p) for p in ("checkpoints", "best", os.path.join(
-      "export", "params"))]
-  if not any(os.path.isdir(p) and os.listdir(p) for p in places):
-    raise FileNotFoundError(
-        f"{flag}={workdir}: no checkpoint to visualize (expected one of {', '.join(places)}; "
-        f"train first)")
 
 
 def synthetic_meta(config: ml_collections.ConfigDict,
@@ -97,8 +77,6 @@ def synthetic_meta(config: ml_collections.ConfigDict,
   benchmark (or when none of them is found in it)."""
   if config.dataset.name != "synthetic":
     return None
-  from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
-
   try:
     meta = generator.meta_for(config.dataset.root, tracklets)
   except FileNotFoundError as e:
@@ -111,14 +89,10 @@ class FrameLoader:
   """uint8 frames `(n, H, W, 3)` of a tracklet, decoded and resized as the eval pipeline does."""
 
   def __init__(self, tracklets: Sequence[Any], config: ml_collections.ConfigDict):
-    from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-
     self._source = pipeline.frame_source(tracklets, config)
     self._hw = int(config.data.height), int(config.data.width)
 
   def __call__(self, index: int, frames: Sequence[int]) -> np.ndarray:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
     out = self._source.load(tf.constant(int(index), tf.int64),
                             tf.constant(np.asarray(frames, np.int64)), *self._hw)
     return np.asarray(out, np.uint8)
@@ -130,8 +104,6 @@ def make_forward(state, mesh, maps: bool) -> Callable:
   `spatial_probs` (B, L, h*w, M), `temporal_probs` (B, N), `frame_weights` (B, L) where the
   model has them; with `maps` also `norm_change` (B, L, h, w) = ||f_s|| - ||f_o|| and
   `value_norm` (B, L, h, w) = ||f_o|| (STMN)."""
-  from stmn_jax.models import stmn  # pylint: disable=g-import-not-at-top
-
   model_def = state.model_def_eval
 
   def forward(model_state, frames):
@@ -139,8 +111,9 @@ def make_forward(state, mesh, maps: bool) -> Callable:
     out = model(frames, return_maps=True) if maps else model(frames)
     res = {k: out[k].astype(jnp.float32) for k in FORWARD_KEYS if k in out}
     if maps:
-      res["norm_change"] = stmn.feature_norm_change(out)
       res["value_norm"] = jnp.linalg.norm(out["value_maps"].astype(jnp.float32), axis=-1)
+      res["norm_change"] = jnp.linalg.norm(
+          out["refined_maps"].astype(jnp.float32), axis=-1) - res["value_norm"]
     return res
 
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
@@ -152,8 +125,6 @@ def run_clips(model_state, forward: Callable, tracklets: Sequence[Any],
   """Every all-frames clip (`clips`, default `config.eval.clips`) of `tracklets` through
   `forward(model_state, frames)` -> (tracklet index (R,), frame indices (R, L),
   {output: (R, ...)}), R real clips in tracklet order."""
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-
   batches = pipeline.eval_iterator(tracklets, config, sampling="all_frames",
                                    clips=clips or config.eval.clips)
   outs = []
@@ -172,10 +143,6 @@ def first_clip_rows(tracklet_index: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ numbers
-def entropy(probs: np.ndarray, axis: int = -1) -> np.ndarray:
-  """Shannon entropy (nats) of distributions along `axis`."""
-  p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
-  return -np.sum(p * np.log(p), axis=axis)
 
 
 def memory_stats(probs: np.ndarray) -> dict:
@@ -188,14 +155,14 @@ def memory_stats(probs: np.ndarray) -> dict:
   """
   p = np.asarray(probs, np.float64).reshape(-1, np.shape(probs)[-1])
   m = p.shape[1]
-  ent = entropy(p)
+  ent = figures.entropy(p)
   usage = p.mean(axis=0)
   return {
       "rows": int(p.shape[0]), "slots": int(m), "mean_entropy": float(ent.mean()),
       "max_entropy": float(np.log(m)),
       "normalized_entropy": float(ent.mean() / np.log(m)) if m > 1 else 0.0,
       "mean_max_prob": float(p.max(axis=1).mean()), "usage": usage.tolist(),
-      "usage_perplexity": float(np.exp(entropy(usage))),
+      "usage_perplexity": float(np.exp(figures.entropy(usage))),
       "argmax_counts": np.bincount(p.argmax(axis=1), minlength=m).tolist(),
   }
 
@@ -265,73 +232,6 @@ def camera_clutter(tracklets: Sequence[Any], load: Callable, rng: np.random.Gene
   return scores
 
 
-# ------------------------------------------------------------------------------ ranking
-def ranked_gallery(dist: np.ndarray, q_pid: int, q_cam: int, g_pids: np.ndarray,
-                   g_cams: np.ndarray, k: int) -> np.ndarray:
-  """(G,) distances of one query -> indices of its k nearest gallery tracklets, leaving out
-  the same identity seen by the same camera (as the evaluation and torchreid do); ties keep
-  gallery order."""
-  order = np.argsort(dist, kind="stable")
-  keep = ~((g_pids[order] == q_pid) & (g_cams[order] == q_cam))
-  return order[keep][:k]
-
-
-def _copy_frames(frames: Sequence[str], dst: str) -> None:
-  os.makedirs(dst, exist_ok=True)
-  for f in frames:
-    shutil.copy(f, dst)
-
-
-def export_visrank(save_dir: str, dist: np.ndarray, query: Sequence[Any], gallery: Sequence[Any],
-                   topk: int, num_queries: int = -1) -> list[str]:
-  """Ranked lists in the folder layout of torchreid's `visualize_ranked_results` for video
-  data (KaiyangZhou/deep-person-reid, torchreid/utils/reidtools.py): per query a folder named
-  after its first frame without extension, holding `query_top000/` (the query's frames) and
-  `gallery_top001_TRUE/` or `..._FALSE/` ... up to `topk` (copies of each gallery tracklet's
-  frames; TRUE when the pids match). Gallery tracklets of the query's pid and camera are
-  skipped, as there. Differences: ties keep gallery order (stable sort), `save_dir` is emptied
-  first, and only the first `num_queries` queries are written (-1: all). torchreid's
-  `width` / `height` resize only its image-data grid, so they have no counterpart here.
-
-  dist (Q, G). Returns the query folders written.
-  """
-  if os.path.isdir(save_dir):
-    shutil.rmtree(save_dir)
-  os.makedirs(save_dir)
-  g_pids = np.asarray([g.pid for g in gallery])
-  g_cams = np.asarray([g.camid for g in gallery])
-  n = len(query) if num_queries < 0 else min(num_queries, len(query))
-  written = []
-  for qi in range(n):
-    q = query[qi]
-    qdir = os.path.join(save_dir, os.path.splitext(os.path.basename(q.frames[0]))[0])
-    _copy_frames(q.frames, os.path.join(qdir, "query_top000"))
-    for rank, gi in enumerate(ranked_gallery(dist[qi], q.pid, q.camid, g_pids, g_cams, topk), 1):
-      g = gallery[gi]
-      suffix = "TRUE" if g.pid == q.pid else "FALSE"
-      _copy_frames(g.frames, os.path.join(qdir, f"gallery_top{rank:03d}_{suffix}"))
-    written.append(qdir)
-  return written
-
-
-def stack_pngs(paths: Sequence[str], out: str) -> str:
-  """Stacks PNG pictures top to bottom (left aligned, white background) into `out`."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  images = []
-  for p in paths:
-    with Image.open(p) as im:
-      images.append(im.convert("RGB"))
-  canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)),
-                     "white")
-  y = 0
-  for im in images:
-    canvas.paste(im, (0, y))
-    y += im.height
-  canvas.save(out, format="PNG")
-  return out
-
-
 # ------------------------------------------------------------------------------ TensorBoard
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Scalars of the TensorBoard event files in `workdir`: {tag: (steps, values)} by step.
@@ -339,10 +239,6 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   clu writes TF2 summaries, i.e. scalars as 0-d `tensor` values; older `simple_value` events
   are read too. A step written twice (a resumed run) keeps the last value.
   """
-  # pylint: disable-next=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_file_loader
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-
   data: dict[str, dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     for event in event_file_loader.LegacyEventFileLoader(path).Load():
@@ -364,127 +260,7 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
           for tag, d in data.items()}
 
 
-def loss_tags(scalars: Mapping[str, Any]) -> list[str]:
-  """The training loss terms among the scalar tags (`train_*` but learning rate, grad norm)."""
-  return sorted(t for t in scalars if t.startswith("train_")
-                and t not in ("train_lr", "train_grad_norm"))
-
-
 # ------------------------------------------------------------------------------ figures
-def memory_probs_figure(path: str, panels: Sequence[Mapping[str, Any]]) -> str:
-  """Heatmaps of matching probabilities (rows queries, sorted by their most likely item;
-  columns memory items) over bars of the mean usage per item. `panels`: dicts with `label`
-  and `spatial` (R, M) and / or `temporal` (R', N) arrays (None to leave one out)."""
-  cols = [(p["label"], name, np.asarray(p[name])) for p in panels
-          for name in ("spatial", "temporal") if p.get(name) is not None]
-  fig = _figure(2.6 * len(cols), 5.2)
-  grid = fig.add_gridspec(2, len(cols), height_ratios=(3, 1))
-  image = None
-  for c, (label, name, probs) in enumerate(cols):
-    order = np.lexsort((-probs.max(axis=1), probs.argmax(axis=1)))
-    ax = fig.add_subplot(grid[0, c])
-    image = ax.imshow(probs[order], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
-    ent = entropy(probs).mean() / np.log(probs.shape[1])
-    ax.set_title(f"{label}\n{name} memory\nentropy/log M = {ent:.2f}", fontsize=8)
-    ax.set_xticks(range(probs.shape[1]))
-    ax.tick_params(labelsize=6)
-    ax.set_ylabel("query", fontsize=7)
-    bar = fig.add_subplot(grid[1, c])
-    bar.bar(range(probs.shape[1]), probs.mean(axis=0), color="tab:blue")
-    bar.axhline(1.0 / probs.shape[1], color="k", lw=0.8, ls="--")
-    bar.set_xticks(range(probs.shape[1]))
-    bar.tick_params(labelsize=6)
-    bar.set_xlabel("memory item", fontsize=7)
-    bar.set_ylabel("mean usage", fontsize=7)
-  if image is not None:
-    fig.colorbar(image, ax=fig.axes, shrink=0.6, label="matching probability")
-  return _save(fig, path)
-
-
-def norm_change_figure(path: str, frames: np.ndarray, change: np.ndarray,
-                       titles: Sequence[str]) -> str:
-  """frames uint8 (K, L, H, W, 3), change (K, L, h, w) = ||f_s|| - ||f_o||, upsampled over
-  each frame with a diverging colormap centred on 0 (blue: the memory lowered the norm)."""
-  k, length, height, width = frames.shape[:4]
-  lim = float(np.abs(change).max()) or 1.0
-  fig = _figure(1.1 * length + 1.0, 2.2 * k)
-  axes = fig.subplots(k, length, squeeze=False)
-  image = None
-  for r in range(k):
-    for c in range(length):
-      ax = axes[r, c]
-      ax.imshow(frames[r, c])
-      image = ax.imshow(change[r, c], cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6,
-                        interpolation="bilinear",
-                        extent=(-0.5, width - 0.5, height - 0.5, -0.5))
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if c == 0:
-        ax.set_title(titles[r], fontsize=7, loc="left")
-  fig.colorbar(image, ax=fig.axes, shrink=0.7, label="||f_s|| - ||f_o||")
-  return _save(fig, path)
-
-
-def temporal_weights_figure(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
-  """One block per tracklet: its frames, and below them the temporal weight of each frame in
-  its clip (bars; dashed: uniform 1/L), distractor frames shaded red. `rows`: dicts with
-  `title`, `frames` uint8 (T, H, W, 3), `weights` (T,) (NaN where a frame is in no clip),
-  `flagged` (T,) bool, `seq_len`."""
-  fig = _figure(max(6.0, 0.45 * max(len(r["weights"]) for r in rows) + 1.0), 2.4 * len(rows))
-  grid = fig.add_gridspec(2 * len(rows), 1, height_ratios=(2, 1) * len(rows), hspace=0.35)
-  for i, row in enumerate(rows):
-    t = len(row["weights"])
-    montage = np.concatenate(list(row["frames"]), axis=1)
-    top = fig.add_subplot(grid[2 * i])
-    top.imshow(montage, extent=(-0.5, t - 0.5, 0, 2.0), aspect="auto")
-    top.set_xlim(-0.5, t - 0.5)
-    top.set_xticks([])
-    top.set_yticks([])
-    top.set_title(row["title"], fontsize=8, loc="left")
-    bottom = fig.add_subplot(grid[2 * i + 1], sharex=top)
-    for f in np.flatnonzero(row["flagged"]):
-      for ax in (top, bottom):
-        ax.axvspan(f - 0.5, f + 0.5, color="tab:red", alpha=0.25, lw=0)
-    bottom.bar(np.arange(t), np.nan_to_num(row["weights"]), color="tab:blue", width=0.7)
-    bottom.axhline(1.0 / row["seq_len"], color="k", lw=0.8, ls="--")
-    for b in range(row["seq_len"], t, row["seq_len"]):
-      bottom.axvline(b - 0.5, color="grey", lw=0.5)
-    bottom.set_ylim(0, max(1.0 / row["seq_len"] * 2, float(np.nanmax(row["weights"])) * 1.1))
-    bottom.set_ylabel("weight", fontsize=7)
-    bottom.tick_params(labelsize=6)
-  bottom.set_xlabel("frame (grey lines: clip boundaries; red: distractor frames)", fontsize=7)
-  return _save(fig, path)
-
-
-def curves_figure(path: str, runs: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
-                  steps_per_epoch: int | None = None) -> str:
-  """Loss terms (left) and mAP (right) over steps of one or more runs ({label: scalars})."""
-  fig = _figure(11.0, 3.8)
-  left, right = fig.subplots(1, 2)
-  styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
-  # One colour per tag over all runs; runs differ by line style / marker.
-  losses = sorted({t for s in runs.values() for t in loss_tags(s)})
-  maps = sorted({t for s in runs.values() for t in s if t.endswith("_mAP")})
-  suffix = lambda label: f" ({label})" if len(runs) > 1 else ""
-  for r, (label, scalars) in enumerate(runs.items()):
-    for tag in loss_tags(scalars):
-      steps, values = scalars[tag]
-      left.plot(steps, values, styles[r % len(styles)], color=f"C{losses.index(tag)}", lw=1.0,
-                label=tag[len("train_"):] + suffix(label))
-    for tag in (t for t in maps if t in scalars):
-      steps, values = scalars[tag]
-      right.plot(steps, values, styles[r % len(styles)], marker=markers[r % len(markers)], ms=4,
-                 color=f"C{maps.index(tag)}", label=tag + suffix(label))
-  unit = f"step ({steps_per_epoch} steps / epoch)" if steps_per_epoch else "step"
-  left.set_title("training loss terms", fontsize=9)
-  right.set_title("mAP", fontsize=9)
-  for ax in (left, right):
-    ax.set_xlabel(unit, fontsize=8)
-    ax.tick_params(labelsize=7)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=6)
-  return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ figure steps
@@ -548,7 +324,7 @@ def _memory_step(passes: Mapping[str, Any], picks, config, out_dir, labels):
       }
     panels.append(panel)
     numbers[name] = entry
-  png = memory_probs_figure(os.path.join(out_dir, "memory_probs.png"), panels)
+  png = figures.memory_probs_figure(os.path.join(out_dir, "memory_probs.png"), panels)
   return png, numbers
 
 
@@ -583,7 +359,7 @@ def _norm_change_step(clips, picks, clutter, tracklets, load, out_dir):
   titles = [f"pid {tracklets[t_idx[r]].pid}, camera {tracklets[t_idx[r]].camid} (clutter "
             f"{clutter[tracklets[t_idx[r]].camid]:.3f}), frames {frames[r].tolist()}"
             for r in first]
-  png = norm_change_figure(os.path.join(out_dir, "norm_change.png"), images, change, titles)
+  png = figures.norm_change_figure(os.path.join(out_dir, "norm_change.png"), images, change, titles)
   numbers = {
       "camera_clutter": {str(k): s for k, s in clutter.items()},
       "tracklets": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
@@ -642,7 +418,7 @@ def _temporal_step(clips, flagged_ids, picks, tracklets, meta, load, config, out
                    "weights": [weights[r].tolist() for r in clip_rows]})
   png = None
   if rows:
-    png = temporal_weights_figure(os.path.join(out_dir, "temporal_weights.png"), rows)
+    png = figures.temporal_weights_figure(os.path.join(out_dir, "temporal_weights.png"), rows)
   else:
     logging.warning("temporal-weights figure: no tracklet of >= %d frames with the wanted "
                     "distractors; skipped", length)
@@ -650,17 +426,15 @@ def _temporal_step(clips, flagged_ids, picks, tracklets, meta, load, config, out
 
 
 def _ranking_step(state, test_split, config, mesh, out_dir, topk):
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
-
   v = config.visualize
   query, gallery = list(test_split.query), list(test_split.gallery)
   unique: dict[Any, int] = {}
   for t in query + gallery:
     unique.setdefault(t, len(unique))
-  feats = export.embed_tracklets(state, list(unique), config, mesh)
+  feats = inference.embed_tracklets(state, list(unique), config, mesh, progress=True)
   q = feats[[unique[t] for t in query]]
   g = feats[[unique[t] for t in gallery]]
-  dist = evaluation.pairwise_distance(q, g, config.eval.distance)
+  dist = ranking.pairwise_distance(q, g, config.eval.distance)
   g_pids = np.asarray([t.pid for t in gallery])
   g_cams = np.asarray([t.camid for t in gallery])
   rng = _rng(v.seed, 3)
@@ -670,25 +444,25 @@ def _ranking_step(state, test_split, config, mesh, out_dir, topk):
   pngs, lists = [], []
   for qi in picks:
     t = query[qi]
-    idx = ranked_gallery(dist[qi], t.pid, t.camid, g_pids, g_cams, topk)
+    idx = visrank.ranked_gallery(dist[qi], t.pid, t.camid, g_pids, g_cams, topk)
     matches = [{"rank": r + 1, "gallery": int(gi), "pid": int(gallery[gi].pid),
                 "camera": int(gallery[gi].camid), "first_frame": gallery[gi].frames[0],
                 "distance": float(dist[qi, gi])} for r, gi in enumerate(idx)]
     name = os.path.splitext(os.path.basename(t.frames[0]))[0]
-    pngs.append(retrieval.ranked_list_png(os.path.join(ranked_dir, f"{name}.png"), t.frames[0],
+    pngs.append(figures.ranked_list_png(os.path.join(ranked_dir, f"{name}.png"), t.frames[0],
                                           t.pid, matches, config.data.height, config.data.width))
     lists.append({"query": int(qi), "pid": int(t.pid), "camera": int(t.camid),
                   "matches": matches})
-  png = stack_pngs(pngs, os.path.join(out_dir, "ranked_lists.png")) if pngs else None
-  visrank = os.path.join(out_dir, "visrank")
+  png = figures.stack_pngs(pngs, os.path.join(out_dir, "ranked_lists.png")) if pngs else None
+  visrank_dir = os.path.join(out_dir, "visrank")
   if query and os.path.isfile(query[0].frames[0]):
-    folders = export_visrank(visrank, dist, query, gallery, topk, v.visrank_queries)
+    folders = visrank.export_visrank(visrank_dir, dist, query, gallery, topk, v.visrank_queries)
   else:
     logging.warning("visrank export skipped: frames are not files (config.data.source=%s)",
                     config.data.get("source", "files"))
-    folders, visrank = [], None
+    folders, visrank_dir = [], None
   return png, {"metric": config.eval.distance, "topk": topk, "queries": lists,
-               "visrank_dir": visrank, "visrank_queries": len(folders),
+               "visrank_dir": visrank_dir, "visrank_queries": len(folders),
                "ranked_pngs": pngs}
 
 
@@ -709,15 +483,14 @@ def _curves_step(workdir, compare_workdir, labels, out_dir):
   if not any(runs.values()):
     logging.warning("curves: no TensorBoard scalars in %s; skipped", workdir)
     return None, {"skipped": "no TensorBoard scalars"}
-  png = curves_figure(os.path.join(out_dir, "curves.png"), runs, _steps_per_epoch(workdir))
-  return png, {label: {"loss_tags": loss_tags(s),
+  png = figures.curves_figure(os.path.join(out_dir, "curves.png"), runs, _steps_per_epoch(workdir))
+  return png, {label: {"loss_tags": figures.loss_tags(s),
                        "mAP": {t: s[t][1].tolist() for t in s if t.endswith("_mAP")},
                        "mAP_steps": {t: s[t][0].tolist() for t in s if t.endswith("_mAP")}}
                for label, s in runs.items()}
 
 
 # ------------------------------------------------------------------------------ the mode
-@app.register_mode("visualize")
 def visualize_mode(
     config: ml_collections.ConfigDict, workdir: str, split: str | None = None, topk: int = 0,
     compare_workdir: str | None = None,
@@ -725,9 +498,6 @@ def visualize_mode(
   """Writes the figures of `workdir`'s best / latest checkpoint to `W/visualize/` (see the
   module docstring); `compare_workdir` adds a second model (same architecture) to the memory
   figure and the curves. Returns {"figures": {name: png}, "json": path, ...}."""
-  from stmn_jax import train  # pylint: disable=g-import-not-at-top
-  from stmn_jax.models import stmn  # pylint: disable=g-import-not-at-top
-
   if jax.process_count() > 1:
     raise ValueError("--mode=visualize runs in a single process (got "
                      f"{jax.process_count()} processes)")
@@ -738,27 +508,23 @@ def visualize_mode(
   topk = int(topk or config.visualize.topk)
   if topk < 1:
     raise ValueError(f"--topk={topk}: expected >= 1")
-  check_workdir(workdir, "--workdir")
   if compare_workdir:
-    check_workdir(compare_workdir, "--compare_workdir")
-  train.check_config(config)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_config(config, mesh)
-  train_split, _, test_split, _ = train.load_data(config)
-  num_classes = len({t.pid for t in train_split.train})
-  state, label, step = export.restore_model(config, workdir, mesh, num_classes=num_classes)
+    inference.check_workdir(compare_workdir, "--compare_workdir")
+  run = inference.prepare(config, workdir)
+  mesh, test_split = run.mesh, run.setup.test_split
+  state, label, step = run.state, run.checkpoint, run.step
   other, other_label = None, None
   if compare_workdir:
-    other, other_label, _ = export.restore_model(config, compare_workdir, mesh,
-                                                 num_classes=num_classes)
+    other, other_label, _ = inference.restore_model(config, compare_workdir, mesh,
+                                                    num_classes=run.setup.num_classes)
   labels = {"model": os.path.basename(os.path.normpath(workdir)) or workdir,
             "compare": os.path.basename(os.path.normpath(compare_workdir or "")) or "compare"}
   if labels["compare"] == labels["model"]:  # e.g. .../stmn/seed0 vs .../stmn_nospread/seed0
     labels = {k: "/".join(os.path.normpath(w).split(os.sep)[-2:]) for k, w in
               (("model", workdir), ("compare", compare_workdir or "compare"))}
-  model = state.model()
-  is_stmn = isinstance(model, stmn.STMN)
-  has_sm, has_tm = is_stmn and model.use_spatial, is_stmn and model.use_temporal
+  model = state.model()  # STMN variants say which memories they have; other models have none
+  has_sm = bool(getattr(model, "use_spatial", False))
+  has_tm = bool(getattr(model, "use_temporal", False))
   out_dir = visualize_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   tracklets = list(test_split.part(part))
@@ -774,7 +540,7 @@ def visualize_mode(
   needed = sorted(set(map(int, mem_picks)) | set(norm_picks) | set(flagged))
   clips = clip_pass(state.model_state, forward, tracklets, needed, config, mesh) if needed \
       else None
-  figures: dict[str, str | None] = {}
+  pngs: dict[str, str | None] = {}
   numbers: dict[str, Any] = {
       "checkpoint": label, "step": step, "compare_workdir": compare_workdir,
       "compare_checkpoint": other_label, "labels": labels, "split": part,
@@ -786,33 +552,33 @@ def visualize_mode(
     if other is not None:
       passes["compare"] = clip_pass(other.model_state, forward, tracklets, mem_picks, config,
                                     mesh)
-    figures["memory_probs"], numbers["memory"] = _memory_step(
+    pngs["memory_probs"], numbers["memory"] = _memory_step(
         passes, mem_picks, config, out_dir, labels)
   else:
     logging.info("memory figure skipped: %s has no memory", config.model.preset)
   if has_sm and norm_picks:
-    figures["norm_change"], numbers["norm_change"] = _norm_change_step(
+    pngs["norm_change"], numbers["norm_change"] = _norm_change_step(
         clips, norm_picks, clutter, tracklets, load, out_dir)
   elif has_sm:
     logging.warning("norm-change figure: no tracklet of >= %d frames; skipped",
                     config.data.seq_len)
   if flagged:
-    figures["temporal_weights"], numbers["temporal_weights"] = _temporal_step(
+    pngs["temporal_weights"], numbers["temporal_weights"] = _temporal_step(
         clips, flagged, weight_picks, tracklets, meta, load, config, out_dir)
   elif has_tm:
     logging.info("temporal-weights figure skipped: %s has no per-frame distractor flags "
                  "(synthetic benchmark only)", config.dataset.name)
-  figures["ranked_lists"], numbers["ranking"] = _ranking_step(
+  pngs["ranked_lists"], numbers["ranking"] = _ranking_step(
       state, test_split, config, mesh, out_dir, topk)
-  figures["curves"], numbers["curves"] = _curves_step(
+  pngs["curves"], numbers["curves"] = _curves_step(
       workdir, compare_workdir, labels, out_dir)
-  figures = {k: p for k, p in figures.items() if p}
-  numbers["figures"] = figures
+  pngs = {k: p for k, p in pngs.items() if p}
+  numbers["figures"] = pngs
   path = os.path.join(out_dir, "visualize.json")
   with open(path, "w") as f:
     json.dump(numbers, f, indent=1)
   lines = [f"\nFigures of {workdir} ({label}) in {out_dir}:"]
-  lines += [f"  {name}: {png}" for name, png in figures.items()]
+  lines += [f"  {name}: {png}" for name, png in pngs.items()]
   tw = numbers.get("temporal_weights", {}).get("distractor_vs_clean", {}).get("any")
   if tw and tw["clips"]:
     lines.append(f"  temporal weights in clips mixing both: distractor frames "
@@ -827,5 +593,5 @@ def visualize_mode(
                      f"{s['usage_perplexity']:.2f} of {s['slots']}")
   lines.append(f"  numbers: {path}")
   print("\n".join(lines), flush=True)
-  return {"mode": "visualize", "checkpoint": label, "figures": figures, "json": path,
+  return {"mode": "visualize", "checkpoint": label, "figures": pngs, "json": path,
           "out_dir": out_dir}

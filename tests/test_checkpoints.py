@@ -14,6 +14,7 @@ from data_pipelines.tracklets import Split, Tracklet
 from stmn_jax import checkpoints
 from stmn_jax import sharding
 from stmn_jax import train
+from stmn_jax import train_state
 from tests import engine_stubs as stubs
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -32,17 +33,17 @@ def _assert_trees_close(a, b, atol=0.0):
 def _trained_state(mesh, seed=0, steps=1):
   config = stubs.tiny_config()
   config.seed = seed
-  state, lr_fn = train.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
-  step_fn = train.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
+  state, lr_fn = train_state.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
+  step_fn = train_state.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
   for i in range(steps):
-    train.train_step(state, step_fn, sharding.global_batch(stubs.random_batch(i), mesh))
+    train_state.train_step(state, step_fn, sharding.global_batch(stubs.random_batch(i), mesh))
   return state
 
 
 def test_round_trip_and_best(tmp_path):
   mesh = sharding.make_mesh()
   saved = _trained_state(mesh, seed=0, steps=1)
-  other, _ = train.create_train_state(stubs.tiny_config(), 4, 3, mesh, stubs.tiny_model_fn)
+  other, _ = train_state.create_train_state(stubs.tiny_config(), 4, 3, mesh, stubs.tiny_model_fn)
   other.rng = jax.device_put(jax.random.PRNGKey(99), sharding.replicated(mesh))
   assert not np.allclose(_pure(other)["proj"]["kernel"], _pure(saved)["proj"]["kernel"]) or \
       other.step != saved.step
@@ -142,7 +143,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path):
   np.testing.assert_allclose(summary["train"]["loss"], ref_summary["train"]["loss"], atol=1e-6)
   _assert_trees_close(_pure(resumed), _pure(ref), atol=1e-6)
   # Training did change the parameters (the comparison is not vacuous).
-  fresh, _ = train.create_train_state(config, 6, 3, mesh, stubs.tiny_model_fn)
+  fresh, _ = train_state.create_train_state(config, 6, 3, mesh, stubs.tiny_model_fn)
   assert np.abs(_pure(fresh)["proj"]["kernel"] - _pure(ref)["proj"]["kernel"]).max() > 1e-4
 
 
@@ -162,7 +163,7 @@ def test_nan_loss_stops_and_last_checkpoint_stays_finite(tmp_path, monkeypatch):
   with pytest.raises(FloatingPointError, match="non-finite .*loss.* at step 3"):
     train.train_and_evaluate(config, workdir, model_fn=stubs.tiny_model_fn,
                              loss_fn=stubs.tiny_loss_fn, split=split)
-  state, _ = train.create_train_state(config, 6, 3, sharding.make_mesh(), stubs.tiny_model_fn)
+  state, _ = train_state.create_train_state(config, 6, 3, sharding.make_mesh(), stubs.tiny_model_fn)
   with checkpoints.Checkpointer(workdir) as ck:
     assert ck.latest_step() == 2  # the step-4 save never happened
     tree = ck.restore(state.checkpoint_tree())

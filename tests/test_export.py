@@ -11,9 +11,10 @@ from flax import nnx
 from configs import synthetic
 from stmn_jax import app
 from stmn_jax import checkpoints
-from stmn_jax import export
 from stmn_jax import sharding
-from stmn_jax import train
+from stmn_jax import inference
+from stmn_jax import run_setup
+from stmn_jax import train_state
 
 
 def _config(root, preset="smoke"):
@@ -26,9 +27,9 @@ def _config(root, preset="smoke"):
 
 def _perturbed_state(config, mesh, seed):
   """A train state whose parameters and BN statistics are moved off their init values."""
-  train_split, _, _, _ = train.load_data(config)
+  train_split, _, _, _ = run_setup.load_data(config)
   num_classes = len({t.pid for t in train_split.train})
-  state, _ = train.create_train_state(config, num_classes, 4, mesh)
+  state, _ = train_state.create_train_state(config, num_classes, 4, mesh)
   leaves, treedef = jax.tree.flatten(state.model_state)
   rng = np.random.RandomState(seed)
   leaves = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
@@ -100,7 +101,7 @@ def test_params_checkpoint_roundtrip_and_eval(trained):
   config, state, workdir, summary, tmp = trained
   assert summary["params"] == os.path.join(workdir, "export", "params")
   fresh = _perturbed_state(config, sharding.make_mesh(), 7)
-  restored = export.load_params(summary["params"], fresh.model_state)
+  restored = inference.load_params(summary["params"], fresh.model_state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.model_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A workdir holding only export/params: --mode=eval uses it, same numbers as the checkpoint.
@@ -127,7 +128,7 @@ def test_checkpoint_of_another_model_is_refused(trained):
   # The parameter checkpoint: stmn parameters into a baseline model.
   with pytest.raises(ValueError, match=r"export/params does not match.*keys the model does "
                      r"not have"):
-    export.load_params(summary["params"], base.model_state)
+    inference.load_params(summary["params"], base.model_state)
   # No checkpoint at all.
   os.makedirs(tmp / "empty_work")
   with pytest.raises(FileNotFoundError, match="train first"):
@@ -183,7 +184,7 @@ def test_extract_split_and_folder_errors(trained):
   config, _, workdir, _, tmp = trained
   summary = app.run(config, workdir, "extract", split="gallery")
   feats = np.load(summary["embeddings"], allow_pickle=False)
-  _, _, test_split, _ = train.load_data(config)
+  _, _, test_split, _ = run_setup.load_data(config)
   gallery = test_split.gallery
   assert feats.shape == (len(gallery), 64) and np.isfinite(feats).all()
   with open(summary["index"]) as f:
@@ -206,7 +207,7 @@ def test_extract_split_and_folder_errors(trained):
 def test_extraction_progress_is_logged():
   lines = []
   log = lambda fmt, *args: lines.append(fmt % args)
-  batches = export.with_progress(iter(range(5)), 5, "demo", every=2, log=log)
+  batches = inference.with_progress(iter(range(5)), 5, "demo", every=2, log=log)
   assert list(batches) == list(range(5))
   assert [line.split(",")[0] for line in lines] == [
       "demo: batch 2/5", "demo: batch 4/5", "demo: batch 5/5"]

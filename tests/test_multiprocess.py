@@ -28,6 +28,7 @@ from flax import nnx
 
 from stmn_jax import sharding
 from stmn_jax import train
+from stmn_jax import train_state
 from tests import engine_stubs as stubs
 from tests import multiprocess_worker as worker
 
@@ -122,7 +123,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert not np.allclose(mp[0]["__frame_sum__"], mp[1]["__frame_sum__"])
 
   # Training moved the parameters (the comparison is not between two initial states).
-  fresh, _ = train.create_train_state(
+  fresh, _ = train_state.create_train_state(
       worker.run_config(), 8, 10, sharding.make_mesh(), stubs.tiny_model_fn)
   init = worker.flat_params(jax.device_get(nnx.to_pure_dict(fresh.model_state)))
   assert np.abs(init["proj/kernel"] - ref["proj/kernel"]).max() > 1e-4

@@ -9,6 +9,8 @@ from flax import nnx
 
 from stmn_jax import sharding
 from stmn_jax import train
+from stmn_jax import run_setup
+from stmn_jax import train_state
 from tests import engine_stubs as stubs
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -19,11 +21,11 @@ def _params(state):
 
 
 def _run_steps(config, mesh, batches):
-  state, lr_fn = train.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
-  step_fn = train.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
+  state, lr_fn = train_state.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
+  step_fn = train_state.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
   metrics = []
   for b in batches:
-    m = train.train_step(state, step_fn, sharding.global_batch(b, mesh))
+    m = train_state.train_step(state, step_fn, sharding.global_batch(b, mesh))
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -49,13 +51,13 @@ def test_train_step_matches_direct_computation():
   config = stubs.tiny_config()
   mesh = sharding.make_mesh()
   batch = stubs.random_batch(7)
-  state, lr_fn = train.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
+  state, lr_fn = train_state.create_train_state(config, 4, 3, mesh, stubs.tiny_model_fn)
   # A direct copy of the initial model and optimizer.
   model = nnx.merge(
       state.model_def_train,
       jax.tree.map(lambda x: jnp.array(np.asarray(x)), state.model_state),
   )
-  tx, _ = train.create_optimizer(config, 3)
+  tx, _ = train_state.create_optimizer(config, 3)
   params = nnx.state(model, nnx.Param)
   opt_state = tx.init(params)
 
@@ -75,8 +77,8 @@ def test_train_step_matches_direct_computation():
 
   loss, expected = direct(nnx.state(model), opt_state)
 
-  step_fn = train.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
-  m = train.train_step(state, step_fn, sharding.global_batch(batch, mesh))
+  step_fn = train_state.make_train_step(state, config, mesh, lr_fn, stubs.tiny_loss_fn)
+  m = train_state.train_step(state, step_fn, sharding.global_batch(batch, mesh))
   np.testing.assert_allclose(float(m["loss"]), float(loss), rtol=1e-5)
   got = nnx.to_pure_dict(nnx.state(state.model(), nnx.Param))
   jax.tree.map(
@@ -93,7 +95,7 @@ def test_schedule_step_decay():
   config.optim.learning_rate, config.optim.decay_every_epochs = 1e-3, 2
   config.optim.decay_factor = 0.1
   spe = 5
-  lr = train.create_learning_rate_fn(config, spe)
+  lr = train_state.create_learning_rate_fn(config, spe)
   boundary = 2 * spe
   expected = {0: 1e-3, boundary - 1: 1e-3, boundary: 1e-4, 2 * boundary - 1: 1e-4,
               2 * boundary: 1e-5}
@@ -106,7 +108,7 @@ def test_optimizer_is_adam_with_coupled_l2():
   config = stubs.tiny_config()
   o = config.optim
   o.learning_rate, o.weight_decay, o.b1, o.b2 = 1e-2, 0.1, 0.9, 0.999
-  tx, _ = train.create_optimizer(config, 10)
+  tx, _ = train_state.create_optimizer(config, 10)
   p = jnp.array([1.0, -2.0, 3.0])
   g = jnp.array([0.5, 0.1, -0.2])
   updates, _ = tx.update(g, tx.init(p), p)
@@ -132,4 +134,4 @@ def test_bad_training_fields_are_named():
   config = stubs.tiny_config()
   config.train.select_on = "gallery"
   with pytest.raises(ValueError, match="config.train.select_on = 'gallery'"):
-    train.check_config(config)
+    run_setup.check_config(config)

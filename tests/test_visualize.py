@@ -16,6 +16,8 @@ from stmn_jax import app
 from stmn_jax import sharding
 from stmn_jax import train
 from stmn_jax import visualize
+from stmn_jax import figures
+from stmn_jax import run_setup
 from stmn_jax.models import memory
 from tests.test_export import _perturbed_state, _save
 
@@ -59,7 +61,7 @@ def visualized(tmp_path_factory):
   summary = app.run(config, workdir, "visualize", compare_workdir=compare)
   with open(summary["json"]) as f:
     numbers = json.load(f)
-  _, _, test_split, _ = train.load_data(config)
+  _, _, test_split, _ = run_setup.load_data(config)
   return config, workdir, summary, numbers, state, other, test_split, mesh, trained
 
 
@@ -268,8 +270,8 @@ def test_scalars_read_from_the_event_files(visualized, tmp_path):
   np.testing.assert_allclose(values, want[:, 1], rtol=1e-6)
   np.testing.assert_allclose(scalars["train_spread_spatial"][1],
                              [trained["train"]["spread_spatial"]], rtol=1e-6)
-  assert "train_spread_spatial" in visualize.loss_tags(scalars)
-  assert "train_lr" not in visualize.loss_tags(scalars)
+  assert "train_spread_spatial" in figures.loss_tags(scalars)
+  assert "train_lr" not in figures.loss_tags(scalars)
   # Old-style `simple_value` scalars are read too.
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top

@@ -10,8 +10,8 @@ from PIL import Image
 from configs import synthetic
 from data_pipelines import pipeline
 from data_pipelines.tracklets import Tracklet
-from stmn_jax import sharding
-from stmn_jax import train
+from stmn_jax import embedding, evaluators, inference, ranking, run_setup, sharding
+from stmn_jax import train_state
 from stmn_jax.models import sta
 
 H, W, CHUNK = 64, 32, 4
@@ -102,7 +102,7 @@ def _frames(tracklets, config):
 @pytest.fixture(scope="module")
 def sta_state():
   mesh = sharding.make_mesh()
-  state, _ = train.create_train_state(_config(), 5, 1, mesh)
+  state, _ = train_state.create_train_state(_config(), 5, 1, mesh)
   return state, mesh
 
 
@@ -111,9 +111,9 @@ def test_whole_tracklet_features_equal_one_pass(sta_state, tmp_path, flip):
   state, mesh = sta_state
   config = _config(flip=flip)
   tracklets = _tracklets(tmp_path)
-  fns = train.make_whole_tracklet_fns(state, config, mesh)
+  fns = embedding.make_whole_tracklet_fns(state, config, mesh)
   assert (fns.chunk, fns.rows) == (CHUNK, 4)
-  feats = train.whole_tracklet_features(state, fns, tracklets, config, mesh)
+  feats = inference.whole_tracklet_features(state, fns, tracklets, config, mesh)
   assert feats.shape == (len(LENGTHS), config.model.sta.embed_dim)
   model = state.model()  # eval mode
   one_pass = nnx.jit(lambda m, x: m.head(sta.fuse(*_vs(m, x))))
@@ -139,15 +139,13 @@ def test_evaluate_tracklets_whole_ranks_the_features(sta_state, tmp_path):
   config = _config()
   tracklets = _tracklets(tmp_path)
   query, gallery = tracklets[:2], tracklets
-  res = train.evaluate_tracklets(state, query, gallery, config, mesh)
-  feats = train.whole_tracklet_features(
-      state, train.make_whole_tracklet_fns(state, config, mesh), tracklets, config, mesh)
-  from stmn_jax import evaluation  # pylint: disable=g-import-not-at-top
-
+  res = evaluators.from_config(state, config, mesh).run(state, query, gallery)
+  feats = inference.whole_tracklet_features(
+      state, embedding.make_whole_tracklet_fns(state, config, mesh), tracklets, config, mesh)
   q = np.asarray([t.pid for t in query])
   g = np.asarray([t.pid for t in gallery])
   qc, gc = np.asarray([t.camid for t in query]), np.asarray([t.camid for t in gallery])
-  want = evaluation.evaluate(feats[:2], feats, q, g, qc, gc, distance=config.eval.distance,
+  want = ranking.evaluate(feats[:2], feats, q, g, qc, gc, distance=config.eval.distance,
                              rerank=False, ap=config.eval.ap, max_rank=config.eval.max_rank)
   np.testing.assert_allclose(res["mAP"], want["mAP"])
   np.testing.assert_allclose(res["cmc"], want["cmc"])
@@ -156,15 +154,15 @@ def test_evaluate_tracklets_whole_ranks_the_features(sta_state, tmp_path):
 def test_whole_sampling_needs_a_whole_tracklet_model():
   mesh = sharding.make_mesh()
   config = _config("baseline")
-  state, _ = train.create_train_state(config, 5, 1, mesh)
+  state, _ = train_state.create_train_state(config, 5, 1, mesh)
   with pytest.raises(ValueError, match=r"sampling='whole'.*'stmn'.*STMN"):
-    train.make_whole_tracklet_fns(state, config, mesh)
+    embedding.make_whole_tracklet_fns(state, config, mesh)
   with pytest.raises(ValueError, match="STMN"):
-    train.evaluate_tracklets(state, [], [], config, mesh)
+    evaluators.from_config(state, config, mesh)
 
 
 def test_unknown_sampling_is_named():
   config = _config()
   config.eval.sampling = "everything"
   with pytest.raises(ValueError, match="config.eval.sampling.*everything"):
-    train.check_config(config)
+    run_setup.check_config(config)

@@ -62,13 +62,14 @@ def format_table(results: Mapping[str, Any]) -> str:
   )
 
 
-def json_ready(results: Mapping[str, Any]) -> dict:
-  """NumPy values -> plain Python (lists, floats, ints) for json.dumps."""
-  out = {}
-  for k, v in results.items():
-    if isinstance(v, np.ndarray):
-      v = v.tolist()
-    elif isinstance(v, (np.floating, np.integer, np.bool_)):
-      v = v.item()
-    out[k] = v
-  return out
+def json_ready(x: Any) -> Any:
+  """NumPy values, tuples and nested dicts -> plain Python (lists, floats, ints) for json."""
+  if isinstance(x, Mapping):
+    return {str(k): json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_ready(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  return x
