@@ -26,6 +26,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from configs import default  # noqa: E402
+from data_pipelines import pipeline, readers, synthetic  # noqa: E402
+from data_pipelines.tracklets import Tracklet  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -36,10 +41,6 @@ def _cpu_seconds() -> float:
 def random_frames(out_dir: str, num_ids: int, tracklets_per_id: int, frames_per_tracklet: int,
                   height: int, width: int, seed: int = 0):
   """Writes smooth random JPEGs (realistic compressed sizes); returns the Tracklets."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  from data_pipelines.tracklets import Tracklet  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(seed)
   out = []
   for pid in range(num_ids):
@@ -59,9 +60,6 @@ def random_frames(out_dir: str, num_ids: int, tracklets_per_id: int, frames_per_
 
 def synthetic_frames(out_dir: str, height: int, width: int):
   """The synthetic benchmark at (height, width), small knobs; returns its train Tracklets."""
-  from data_pipelines import readers  # pylint: disable=g-import-not-at-top
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-
   root = os.path.join(out_dir, "synthetic")
   synthetic.generate(root, num_train_ids=16, num_test_ids=2, height=height, width=width,
                      short_max_length=24, max_length=40, num_distractor_tracklets=0,
@@ -70,8 +68,6 @@ def synthetic_frames(out_dir: str, height: int, width: int):
 
 
 def measure(tracklets, config, threads: int, batches: int, warmup: int) -> dict:
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-
   config = config.copy_and_resolve_references()
   config.data.num_parallel_calls = threads
   it = pipeline.train_iterator(tracklets, config, process_index=0, process_count=1,
@@ -108,8 +104,6 @@ def main(argv=None) -> dict:
   parser.add_argument("--width", type=int, default=128)
   parser.add_argument("--dir", default="", help="where to write frames (default: a temp dir)")
   args = parser.parse_args(argv)
-
-  from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.data.height, config.data.width = args.height, args.width

@@ -7,6 +7,7 @@ prepared TFDS storage.
 
 from __future__ import annotations
 
+from data_pipelines import readers
 from data_pipelines.tracklets import Split, Tracklet  # noqa: F401
 
 
@@ -16,8 +17,6 @@ def get_split(dataset_config) -> Split:
   For `synthetic`, the benchmark is generated first (deterministically, once per root and
   settings) in the MARS or DukeV layout, and then read by that layout's real reader.
   """
-  from data_pipelines import readers  # pylint: disable=g-import-not-at-top
-
   return readers.read_from_config(dataset_config)
 
 

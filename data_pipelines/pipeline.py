@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines import sampling
+from data_pipelines import sampling as sampling_lib  # `sampling` is an argument name below
 from data_pipelines import transforms
 from data_pipelines.tracklets import Tracklet
 
@@ -65,7 +65,7 @@ def steps_per_epoch(num_train_ids: int, config) -> int:
   configured = int(config.optim.get("steps_per_epoch", -1))
   if configured > 0:
     return configured
-  return sampling.num_groups(num_train_ids, int(config.data.num_ids_per_batch))
+  return sampling_lib.num_groups(num_train_ids, int(config.data.num_ids_per_batch))
 
 
 # ------------------------------------------------------------------ frame sources
@@ -155,7 +155,8 @@ def train_dataset(
   local = local_train_batch(config, process_count)
   d = config.data
   L, H, W = int(d.seq_len), int(d.height), int(d.width)
-  index = sampling.IdentityIndex.build([t.pid for t in tracklets], [t.camid for t in tracklets])
+  index = sampling_lib.IdentityIndex.build([t.pid for t in tracklets],
+                                           [t.camid for t in tracklets])
   num_frames = np.asarray([t.num_frames for t in tracklets], np.int64)
   pids = np.asarray([t.pid for t in tracklets], np.int32)
   camids = np.asarray([t.camid for t in tracklets], np.int32)
@@ -164,7 +165,7 @@ def train_dataset(
   rows = np.arange(process_index * local, (process_index + 1) * local)
 
   def plan(step: np.int64):
-    p = sampling.train_batch(
+    p = sampling_lib.train_batch(
         index, num_frames, int(step), seed=seed, seq_len=L,
         num_ids_per_batch=int(d.num_ids_per_batch),
         num_tracklets_per_id=int(d.num_tracklets_per_id), steps_per_epoch=spe,
@@ -240,7 +241,7 @@ class EvalIterator:
   a new pass over the same tf.data.Dataset (`dataset`).
   """
 
-  plan: sampling.EvalPlan
+  plan: sampling_lib.EvalPlan
   process_index: int
   dataset: tf.data.Dataset
 
@@ -275,8 +276,6 @@ def eval_iterator(
   `config.eval.sampling` / `config.eval.clips`. Shapes are fixed (padding rows are zeros with
   `mask=False`, `tracklet_index=-1`), so a jitted eval step compiles once.
   """
-  from data_pipelines import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
-
   _hide_gpus()
   mode = sampling or config.eval.sampling
   clips = clips or config.eval.clips

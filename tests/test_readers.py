@@ -495,8 +495,7 @@ def test_synthetic_branch_generates_then_reads_the_layout(tmp_path, monkeypatch,
 
   fake = types.ModuleType("data_pipelines.synthetic")
   fake.ensure_generated = ensure_generated
-  monkeypatch.setitem(sys.modules, "data_pipelines.synthetic", fake)
-  monkeypatch.setattr(data_pipelines, "synthetic", fake, raising=False)
+  monkeypatch.setattr(readers, "synthetic", fake)  # the generator the readers call
   cfg = _dataset_config(name="synthetic", root=str(tmp_path), protocol="torchreid")
   cfg.synthetic.layout = layout
   cfg.synthetic.num_ids = 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect as _inspect
 from typing import Any
 
+from data_pipelines import synthetic
 from data_pipelines.readers.common import DatasetError, register, registry
 from data_pipelines.tracklets import Split
 
@@ -78,8 +79,6 @@ def read_from_config(dataset_config, **extra) -> Split:
   options = {k: dataset_config[k] for k in _CONFIG_FIELDS if k in dataset_config}
   options.update(extra)
   if name == SYNTHETIC:
-    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-
     knobs = _to_dict(dataset_config.get("synthetic", None))
     layout = knobs.get("layout", "mars")
     if layout not in ("mars", "dukev"):

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Sequence
 
+from data_pipelines.synthetic import generator
 from data_pipelines.synthetic import spec as spec_lib
 
 USAGE = ("usage: python -m data_pipelines.synthetic --out=DIR [--layout=mars|dukev] "
@@ -84,8 +85,6 @@ def main(argv: Sequence[str]) -> int:
   if not options["out"]:
     print(f"error: --out is required; {USAGE}", file=sys.stderr)
     return 2
-  from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
-
   start = time.perf_counter()
   before = generator.read_spec(options["out"])
   root = generator.ensure_generated(options["out"], knobs, force=options["force"])
