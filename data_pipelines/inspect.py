@@ -21,8 +21,11 @@ import json
 import sys
 from typing import Sequence
 
+import ml_collections
+
 from data_pipelines import readers
 from data_pipelines.readers import prid2011
+from data_pipelines.synthetic import spec
 from data_pipelines.tracklets import Split
 
 PARTS = ("train", "query", "gallery")
@@ -52,15 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _dataset_config(args: argparse.Namespace):
-  """A `config.dataset` for --dataset=synthetic (the generator's knobs from its config)."""
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-
-  cfg = synthetic.get_config().dataset
-  cfg.root = args.root
-  cfg.protocol = args.protocol
-  cfg.distractors = args.distractors
-  return cfg
+def _dataset_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """A `config.dataset` for --dataset=synthetic: the generator's default knobs (`spec`, the
+  source `configs/synthetic.py` reads them from too)."""
+  return ml_collections.ConfigDict({
+      "name": readers.SYNTHETIC, "root": args.root, "protocol": args.protocol,
+      "distractors": args.distractors, "synthetic": spec.defaults()})
 
 
 def read(args: argparse.Namespace) -> Split:

@@ -53,6 +53,7 @@ import sys
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
 assert not loaded, loaded
 import jax, numpy as np
+jax.config.update("jax_disable_most_optimizations", True)  # compile time only
 from configs import synthetic
 from stmn_jax import sharding, train_state
 config = synthetic.get_config("stmn,smoke")
