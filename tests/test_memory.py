@@ -158,3 +158,45 @@ def test_gradients_reach_memory_keys_and_values():
   for g in (gs["mem_keys"], gs["mem_values"], gt["mem_keys"], gt["mem_values"]):
     arr = np.asarray(g.value)
     assert np.all(np.isfinite(arr)) and np.abs(arr).max() > 0
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "code"])
+def test_bfloat16_memories_address_and_weight_frames_in_float32(similarity):
+  """Under bfloat16 compute, what follows the bfloat16 inputs (the spatial queries, the LSTM's
+  output) is float32: addressing probabilities and frame weights match float64 NumPy on the same
+  values to float32 precision, and so does the gradient that reaches the temporal memory's values
+  through the frame weights, although the L frames' features differ by only ~1%: it needs the
+  differences <dL/dseq, f_l - f_m>, which a bfloat16 frame-weighted sum rounds away."""
+  bf16 = jnp.bfloat16
+  d, m, n, length = 32, 5, 3, 4
+  rng = np.random.default_rng(6)
+  smem = memory.SpatialMemory(d, m, similarity=similarity, dtype=bf16, rngs=nnx.Rngs(0))
+  q = jnp.asarray(rng.normal(size=(2, 4, 2, d)), bf16)
+  probs = smem.address(q)
+  assert probs.dtype == jnp.float32
+  keys = np.asarray(smem.mem_keys[...], np.float64)
+  expected = _softmax(_np_logits(np.asarray(q, np.float64).reshape(-1, d), keys, similarity))
+  np.testing.assert_allclose(probs.reshape(-1, m), expected, rtol=1e-5, atol=1e-7)
+
+  tmem = memory.TemporalMemory(d, n, length, similarity=similarity, dtype=bf16, rngs=nnx.Rngs(1))
+  tq = jnp.asarray(rng.normal(size=(3, length, d)), bf16)
+  common = rng.random(size=(3, 1, d)) + 0.5
+  tf = jnp.asarray(common * (1 + 0.01 * rng.normal(size=(3, length, d))), bf16)
+  r = jnp.asarray(rng.normal(size=(3, d)), bf16).astype(jnp.float32)  # exact in bf16
+  seq, tprobs, weights = tmem(tq, tf)
+  assert seq.dtype == bf16 and tprobs.dtype == weights.dtype == jnp.float32
+  context = np.asarray(tmem.encode(tq), np.float64)  # the bf16 LSTM's output
+  p = _softmax(_np_logits(context, np.asarray(tmem.mem_keys[...], np.float64), similarity))
+  w = _softmax(p @ np.asarray(tmem.mem_values[...], np.float64))
+  np.testing.assert_allclose(tprobs, p, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(weights, w, rtol=1e-5, atol=1e-7)
+  f = np.asarray(tf, np.float64)
+  np.testing.assert_allclose(
+      np.asarray(seq, np.float64), np.einsum("bl,bld->bd", w, f), rtol=2 ** -8)  # bf16 output
+  grad = nnx.grad(lambda mod: jnp.sum(mod(tq, tf)[0].astype(jnp.float32) * r))(tmem)
+  dw = np.einsum("bd,bld->bl", np.asarray(r, np.float64), f)  # dL/dweights
+  da = w * (dw - np.sum(w * dw, axis=1, keepdims=True))  # through the softmax over frames
+  expected_dv = p.T @ da  # (N, L)
+  got = np.asarray(grad["mem_values"][...], np.float64)
+  rel = np.linalg.norm(got - expected_dv) / np.linalg.norm(expected_dv)
+  assert rel <= 1e-4, rel

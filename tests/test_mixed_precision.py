@@ -6,10 +6,11 @@ parameters start equal. Tolerances (measured values on this machine in brackets)
 - one engine train step (4 devices): |loss_bf16 - loss_f32| <= 5e-3 |loss_f32| (3e-4); each
   loss term and grad_norm within 2e-2 relative (< 3e-3);
 - gradients (Adam's first moment after one step, mu = (1 - b1) g): whole network cosine
-  >= 0.9 (0.957), ||g_bf16 - g_f32|| <= 0.45 ||g_f32|| (0.29: bf16 activations in the
+  >= 0.9 (0.950), ||g_bf16 - g_f32|| <= 0.45 ||g_f32|| (0.31: bf16 activations in the
   backbone's backward pass; a width-0.125 ResNet-18 trunk alone gives ~0.2, and float32
   accumulation in the convolutions does not lower it); each head parameter (classifiers,
-  BNNecks, LSTM, memory keys) within 0.1 relative (<= 0.05);
+  BNNecks, LSTM, memory keys) within 0.1 relative (<= 0.054), the memory parameters only where
+  the spread loss picked the same queries in both runs (see the test);
 - parameters: Adam's first step is about -lr sign(g), so the check is that the update signs
   agree on >= 80% of the moved scalars (95.5%), and no scalar differs by more than 2 lr;
 - BN running statistics after the step: |diff| <= 2e-2 * max|stat| per variable (5e-3);
@@ -27,7 +28,7 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from stmn_jax import evaluation, models, sharding, train
+from stmn_jax import embedding, evaluation, models, sharding, train_state
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -48,6 +49,16 @@ def _config(dtype: str):
 
 def _model_fn(config, num_classes, rngs):
   return models.create_model(config, num_classes, rngs, load_weights=False)
+
+
+def _loss_with_picks(outputs, batch, config, rng=None):
+  """The engine's loss; its terms also hold the memory spread loss's picks per slot, the queries
+  with the largest and the smallest probability: `picks/<probs>` int32 (2, slots)."""
+  loss, terms = train_state.default_loss_fn(outputs, batch, config, rng=rng)
+  for name in ("spatial_probs", "temporal_probs"):
+    probs = outputs[name].reshape(-1, outputs[name].shape[-1])
+    terms[f"picks/{name}"] = jnp.stack([jnp.argmax(probs, 0), jnp.argmin(probs, 0)])
+  return loss, terms
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -91,14 +102,14 @@ def runs():
   out, states, lr_fns = {}, {}, {}
   for dtype in ("float32", "bfloat16"):
     config = _config(dtype)
-    state, lr_fns[dtype] = train.create_train_state(
+    state, lr_fns[dtype] = train_state.create_train_state(
         config, NUM_CLASSES, STEPS_PER_EPOCH, mesh, _model_fn)
     states[dtype] = state
     out[dtype] = {"init": _flat(jax.device_get(nnx.to_pure_dict(state.model_state)))}
   # Retrieval: both compute dtypes on the same float32 weights.
   f32_state = states["float32"].model_state
   for dtype, state in states.items():
-    embed = train.make_embed_fn(state, mesh, flip=False)
+    embed = embedding.make_embed_fn(state, mesh, flip=False)
     out[dtype]["emb"] = jax.device_get(embed(f32_state, gframes))
     gd = state.model_def_train  # train-mode forward, shapes and dtypes only (no compile)
     outputs = jax.eval_shape(
@@ -106,9 +117,12 @@ def runs():
     out[dtype]["out_dtypes"] = {k: v.dtype for k, v in outputs.items()}
   for dtype, state in states.items():
     config = _config(dtype)
-    step_fn = train.make_train_step(state, config, mesh, lr_fns[dtype])
-    metrics = train.train_step(state, step_fn, sharding.global_batch(batch, mesh))
-    out[dtype]["metrics"] = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    step_fn = train_state.make_train_step(
+        state, config, mesh, lr_fns[dtype], loss_fn=_loss_with_picks)
+    metrics = train_state.train_step(state, step_fn, sharding.global_batch(batch, mesh))
+    metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    out[dtype]["picks"] = {k: metrics.pop(k) for k in list(metrics) if k.startswith("picks/")}
+    out[dtype]["metrics"] = metrics
     out[dtype]["after"] = _flat(jax.device_get(nnx.to_pure_dict(state.model_state)))
     out[dtype]["opt"] = _flat(jax.device_get(nnx.to_pure_dict(state.opt_state)))
     out[dtype]["lr"] = config.optim.learning_rate
@@ -157,14 +171,34 @@ def test_bfloat16_step_close_to_float32_step(runs):
   # Whole network: bf16 activations in the backbone's backward pass give ~20-30% relative
   # gradient noise at this width (a ResNet-18 trunk alone at width 0.125 gives ~20%).
   assert cos >= 0.9 and rel <= 0.45, (cos, rel)
-  # The head (classifiers, BNNecks, LSTM, memory keys) sees little of it.
+  # The head (classifiers, BNNecks, LSTM, memory keys) sees little of it. Relative errors
+  # measured here, seeds 0-3 (test data and model): classifiers and BNNecks 0.035-0.049; memory
+  # keys and LSTM 0.041-0.063 where the picks below agree (0.041-0.054 at seed 0). Bound 0.1:
+  # about twice the largest.
   head = [k for k in mu if k.split("/mu/")[1].startswith(
       ("frame_classifier", "seq_classifier", "frame_neck", "seq_neck", "temporal_memory/lstm",
        "spatial_memory/mem_keys", "temporal_memory/mem_keys"))]
   assert len(head) == 9, head
-  for k in head:
-    a, b = f32["opt"][k], bf16["opt"][k]
-    assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a), k
+  head_rel = {k.split("/mu/")[1]: float(
+      np.linalg.norm(bf16["opt"][k] - f32["opt"][k]) / np.linalg.norm(f32["opt"][k]))
+      for k in head}
+  print("head gradient relative errors:",
+        {k: round(v, 4) for k, v in sorted(head_rel.items())})
+  # At initialisation the memory parameters' gradients come mostly from the spread loss, which
+  # per slot only reaches the query with the largest and the one with the smallest probability.
+  # With these noise clips such picks are near-ties (gaps down to 1e-4, against bf16 probability
+  # changes of ~1e-3); where one flips, that memory's gradients move by 0.42-0.66: seeds 1 and 3;
+  # seed 0 while the addressing was computed in bf16, whose noise flipped a temporal pick. They
+  # do so also with both memories in float32 and, at seed 1, in a float32 model whose input
+  # frames are just rounded to bf16: the loss's discontinuity, not precision. So for a flipped
+  # pick only the order of magnitude is checked here; the memories' own bf16 arithmetic is
+  # checked exactly in test_memory.py.
+  flipped = tuple(  # "spatial_memory" / "temporal_memory" where a pick differs
+      k.split("/")[1].replace("_probs", "_memory") for k in sorted(f32["picks"])
+      if not np.array_equal(f32["picks"][k], bf16["picks"][k]))
+  print("memories whose spread-loss picks differ:", flipped or "none")
+  for k, v in head_rel.items():
+    assert v <= (1.0 if k.split("/")[0] in flipped else 0.1), (k, v, flipped)
   # Parameters: Adam's first step is about -lr sign(g), so updates agree where g is not tiny.
   params = [k for k in f32["after"] if not k.endswith(("/mean", "/var"))]
   uf = np.concatenate([(f32["after"][k] - f32["init"][k]).ravel() for k in params])

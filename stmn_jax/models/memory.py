@@ -18,6 +18,17 @@ Paper vs the official code (cvlab-yonsei/STMN), chosen by arguments:
 
 The parameters are called `mem_keys` / `mem_values` (not `keys` / `values`, which would be
 shadowed by the dict methods of an `nnx.State`).
+
+Mixed precision (`dtype=bfloat16`): the addressing of both memories (the L2 normalisation of
+queries and keys, their products and the softmax) is computed in float32, whatever the compute
+dtype: a bfloat16 unit vector has ~3 significant digits, so bfloat16 cosines and their
+gradients are off by far more than the rest of the head (the LSTM and the temporal keys got
+40-60% gradient errors). The probabilities are float32. The read-outs are float32 weighted sums
+(cheap: over M or N slots, and over the L frames) cast to the compute dtype afterwards: the
+spatial read-out before its BatchNorm and the subtraction from the value map; the temporal
+memory's frame-weighted sum of the features, whose backward pass, <dL/dseq, f_l> per frame,
+then keeps the small differences between frames that the frame-weight softmax depends on (in
+bfloat16 they were rounded away). With float32 compute every cast is a no-op.
 """
 
 from __future__ import annotations
@@ -43,18 +54,20 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def memory_logits(queries: jax.Array, keys: jax.Array, similarity: str) -> jax.Array:
-  """Addressing logits. queries (Q, D), keys (M, D) -> (Q, M).
+  """Addressing logits, float32. queries (Q, D), keys (M, D) any float dtype -> (Q, M).
 
   "cosine": cos(q, k_m). "code": l2norm(q) . (k / ||k||_over slots)_m (official code).
+  Both inputs are cast to float32 before the normalisation (see the module docstring).
   """
-  q = l2_normalize(queries, axis=-1)
+  q = l2_normalize(queries.astype(jnp.float32), axis=-1)
+  keys = keys.astype(jnp.float32)
   if similarity == "cosine":
     k = l2_normalize(keys, axis=-1)
   elif similarity == "code":
     k = l2_normalize(keys, axis=0)
   else:
     raise ValueError(f"memory_similarity: expected one of {SIMILARITIES}, got {similarity!r}")
-  return q @ k.T.astype(q.dtype)
+  return q @ k.T
 
 
 def to_query_rows(x: jax.Array, layout: str) -> jax.Array:
@@ -110,16 +123,19 @@ class SpatialMemory(nnx.Module):
         bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
   def address(self, queries: jax.Array) -> jax.Array:
-    """Matching probabilities. queries (..., D) -> (..., M) float32, softmax over M."""
+    """Matching probabilities. queries (..., D) -> (..., M) float32, softmax over M.
+
+    Normalisation, logits and softmax in float32 whatever the compute dtype.
+    """
     lead = queries.shape[:-1]
-    q = queries.reshape(-1, self.dim).astype(self.dtype)
-    logits = memory_logits(q, self.mem_keys[...].astype(self.dtype), self.similarity)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(*lead, self.slots)
+    logits = memory_logits(queries.reshape(-1, self.dim), self.mem_keys[...], self.similarity)
+    return jax.nn.softmax(logits, axis=-1).reshape(*lead, self.slots)
 
   def __call__(self, query_map: jax.Array, value_map: jax.Array) -> tuple[jax.Array, jax.Array]:
     """query_map, value_map (N, h, w, D) -> refined (N, h, w, D), probs (N, h*w, M).
 
-    refined = value_map - BN(probs @ values), rows laid out as `layout`.
+    refined = value_map - BN(probs @ values), rows laid out as `layout`; probs float32, the
+    read-out probs @ values in float32, then BN and subtraction in the compute dtype.
     """
     if query_map.shape != value_map.shape or query_map.shape[-1] != self.dim:
       raise ValueError(
@@ -127,7 +143,7 @@ class SpatialMemory(nnx.Module):
           f"{query_map.shape} and {value_map.shape}")
     _, h, w, _ = query_map.shape
     probs = self.address(to_query_rows(query_map, self.layout))  # (N, h*w, M)
-    readout = probs.astype(self.dtype) @ self.mem_values[...].astype(self.dtype)  # (N, h*w, D)
+    readout = (probs @ self.mem_values[...]).astype(self.dtype)  # (N, h*w, D)
     readout = self.bn(readout)  # statistics over all N*h*w rows
     refined = value_map - from_query_rows(readout, h, w, self.layout).astype(value_map.dtype)
     return refined, probs
@@ -190,6 +206,9 @@ class TemporalMemory(nnx.Module):
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """queries (B, L, D) pooled temporal queries, features (B, L, D) refined frame features
     -> sequence feature (B, D), probs (B, N) float32, frame weights (B, L) float32.
+
+    The LSTM runs in the compute dtype; addressing, attention, frame weights and the
+    frame-weighted sum in float32; `seq` in the dtype of `features`.
     """
     if queries.ndim != 3 or queries.shape[1:] != (self.seq_len, self.dim):
       raise ValueError(
@@ -199,9 +218,9 @@ class TemporalMemory(nnx.Module):
       raise ValueError(
           f"TemporalMemory: features {features.shape} do not match queries {queries.shape}")
     context = self.encode(queries)  # (B, D)
-    logits = memory_logits(context, self.mem_keys[...].astype(self.dtype), self.similarity)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # (B, N)
+    logits = memory_logits(context, self.mem_keys[...], self.similarity)  # float32
+    probs = jax.nn.softmax(logits, axis=-1)  # (B, N)
     attention = probs @ self.mem_values[...]  # (B, L)
     weights = jax.nn.softmax(attention, axis=-1)
-    seq = jnp.einsum("bl,bld->bd", weights.astype(features.dtype), features)
-    return seq, probs, weights
+    seq = jnp.einsum("bl,bld->bd", weights, features.astype(jnp.float32))
+    return seq.astype(features.dtype), probs, weights
