@@ -79,13 +79,6 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-def _dtype(name: str) -> Any:
-  try:
-    return jnp.dtype(name)
-  except TypeError as e:
-    raise ValueError(f"config.model.dtype: unknown dtype {name!r} (expected e.g. float32, bfloat16)") from e
-
-
 def _check_frames(frames: jax.Array, name: str) -> None:
   if frames.ndim != 5 or frames.shape[-1] != 3:
     raise ValueError(f"{name}: expected frames (B, L, H, W, 3), got shape {tuple(frames.shape)}")
@@ -187,7 +180,7 @@ class DRSA(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, *, rngs: nnx.Rngs):
     m = config.model
     d = m.drsa
-    dtype = _dtype(m.dtype)
+    dtype = resnet.compute_dtype(m.dtype)
     if d.classifier not in ("cosine", "linear"):
       raise ValueError(
           f"config.model.drsa.classifier: expected 'cosine' or 'linear', got {d.classifier!r}")
@@ -200,11 +193,7 @@ class DRSA(nnx.Module):
     self.normalize_parts = bool(d.normalize_parts)
     self.dtype = dtype
     channels = resnet.stage_channels(m.depth, m.width)[3]
-    self.trunk = resnet.ResNetTrunk(
-        depth=m.depth, width=m.width, stem_relu=m.stem_relu, dtype=dtype, rngs=rngs)
-    self.stage = resnet.ResNetStage(
-        depth=m.depth, width=m.width, stride=m.last_stride, final_relu=True, dtype=dtype,
-        rngs=rngs)
+    self.trunk, self.stage = resnet.backbone_from_config(m, rngs=rngs)
     self.spatial = SpatialAttention(
         channels, d.num_parts, d.hidden, shared_hidden=d.shared_hidden, use_bn=d.attention_bn,
         dtype=dtype, rngs=rngs)

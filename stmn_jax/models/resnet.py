@@ -577,3 +577,35 @@ class ResNetStage(nnx.Module):
           f"ResNetStage expects (N, h, w, {self.in_features}) features, got shape {x.shape}"
       )
     return _run(self.blocks, x)
+
+
+# ------------------------------------------------------------------------------ from a config
+def compute_dtype(name: Any) -> Dtype:
+  """`config.model.dtype` ("float32", "bfloat16", ...) -> a jnp dtype; ValueError if unknown."""
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(
+        f"config.model.dtype: unknown dtype {name!r} (expected e.g. float32, bfloat16)") from e
+
+
+def stage_from_config(
+    config_model: Any, *, final_relu: bool = True, rngs: nnx.Rngs
+) -> ResNetStage:
+  """layer4 from `config.model` (depth, width, last_stride, dtype): `ResNetStage`."""
+  m = config_model
+  return ResNetStage(
+      m.depth, m.width, m.last_stride, final_relu, compute_dtype(m.dtype), rngs=rngs)
+
+
+def backbone_from_config(config_model: Any, *, rngs: nnx.Rngs) -> tuple[ResNetTrunk, ResNetStage]:
+  """The re-ID backbone from `config.model` (depth, width, stem_relu, last_stride, dtype):
+  (trunk (N, H, W, 3) -> (N, H/16, W/16, C3), layer4 with its final ReLU -> (N, h, w, C4)).
+
+  Created in that order (the order decides which random numbers each gets). A model keeps them
+  as attributes (`trunk`, `stage`, ...): `models.load_pretrained` finds them by type, whatever
+  their names, and loads the torchvision stem + layer1-3 into the trunk, layer4 into the stage.
+  """
+  m = config_model
+  trunk = ResNetTrunk(m.depth, m.width, m.stem_relu, compute_dtype(m.dtype), rngs=rngs)
+  return trunk, stage_from_config(m, rngs=rngs)

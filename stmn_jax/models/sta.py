@@ -159,13 +159,6 @@ def fuse_summary(summary: StripeSummary, xp: Any = jnp) -> Any:
   return xp.mean(xp.concatenate([summary.best_vector, f2], axis=-1), axis=-2)
 
 
-def _dtype(name: str) -> Any:
-  try:
-    return jnp.dtype(name)
-  except TypeError as e:
-    raise ValueError(f"config.model.dtype: unknown dtype {name!r} (expected e.g. float32, bfloat16)") from e
-
-
 class STA(nnx.Module):
   """STA model. `__call__`: frames (B, L, H, W, 3) -> outputs dict (see docs/ARCHITECTURE.md).
 
@@ -185,17 +178,13 @@ class STA(nnx.Module):
       raise ValueError(
           "config.model.sta: num_stripes and embed_dim must be >= 1, got "
           f"{s.num_stripes}, {s.embed_dim}")
-    dtype = _dtype(m.dtype)
+    dtype = resnet.compute_dtype(m.dtype)
     self.dtype = dtype
     self.num_stripes = s.num_stripes
     self.attention = s.attention
     self.eval_chunk = s.get("eval_chunk", 32)
     channels = resnet.stage_channels(m.depth, m.width)[3]
-    self.trunk = resnet.ResNetTrunk(
-        depth=m.depth, width=m.width, stem_relu=m.stem_relu, dtype=dtype, rngs=rngs)
-    self.stage = resnet.ResNetStage(
-        depth=m.depth, width=m.width, stride=m.last_stride, final_relu=True, dtype=dtype,
-        rngs=rngs)
+    self.trunk, self.stage = resnet.backbone_from_config(m, rngs=rngs)
     kaiming = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
     self.reduce = nnx.Linear(2 * channels, s.embed_dim, use_bias=False, kernel_init=kaiming,
                              rngs=rngs)

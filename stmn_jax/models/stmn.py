@@ -52,14 +52,6 @@ class BNNeck(nnx.Module):
     return y + self.bias[...].astype(y.dtype)
 
 
-def _dtype(name: Any) -> Any:
-  try:
-    return jnp.dtype(name)
-  except TypeError as e:
-    raise ValueError(
-        f"config.model.dtype: expected a dtype name like 'float32', got {name!r}") from e
-
-
 def _gap(x: jax.Array) -> jax.Array:
   """(N, h, w, D) -> (N, D), mean over space."""
   return jnp.mean(x, axis=(1, 2))
@@ -85,25 +77,20 @@ class STMN(nnx.Module):
     m = config_model
     if num_classes < 1:
       raise ValueError(f"STMN: num_classes must be positive, got {num_classes}")
-    self.dtype = dtype = _dtype(m.dtype)
+    self.dtype = dtype = resnet.compute_dtype(m.dtype)
     self.use_spatial = bool(m.spatial_memory)
     self.use_temporal = bool(m.temporal_memory)
     self.seq_len = int(seq_len)
     self.num_classes = num_classes
     self.dim = dim = resnet.stage_channels(m.depth, m.width)[3]
-    self.trunk = resnet.ResNetTrunk(m.depth, m.width, m.stem_relu, dtype, rngs=rngs)
-
-    def stage(final_relu: bool) -> resnet.ResNetStage:
-      return resnet.ResNetStage(m.depth, m.width, m.last_stride, final_relu, dtype, rngs=rngs)
-
-    self.value_stage = stage(True)
+    self.trunk, self.value_stage = resnet.backbone_from_config(m, rngs=rngs)
     if self.use_spatial:
-      self.spatial_query_stage = stage(False)
+      self.spatial_query_stage = resnet.stage_from_config(m, final_relu=False, rngs=rngs)
       self.spatial_memory = memory.SpatialMemory(
           dim, m.spatial_slots, layout=m.smem_layout, similarity=m.memory_similarity,
           dtype=dtype, rngs=rngs)
     if self.use_temporal:
-      self.temporal_query_stage = stage(False)
+      self.temporal_query_stage = resnet.stage_from_config(m, final_relu=False, rngs=rngs)
       self.temporal_memory = memory.TemporalMemory(
           dim, m.temporal_slots, self.seq_len, similarity=m.memory_similarity, dtype=dtype,
           rngs=rngs)
