@@ -2,6 +2,10 @@
 
 Flags only; everything else lives in `stmn_jax.app` (modes) and `stmn_jax.train`. Override any
 config field with `--config.<key>=<value>`, e.g. `--config.optim.num_epochs=3`.
+
+Known user errors (`stmn_jax.errors.USER_ERRORS`: config, dataset, checkpoint, workdir,
+non-finite loss) print `main.py: <message>` and exit 1, without a traceback; `--verbose` or
+`STMN_VERBOSE=1` shows it. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from stmn_jax import app as stmn_app
+from stmn_jax import errors
 from stmn_jax import sharding
 
 DEFAULT_CONFIG = "configs/synthetic.py"
@@ -50,11 +55,19 @@ def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
   flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
   flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
+  flags.DEFINE_bool("verbose", False, "Known errors (config, dataset, checkpoint, workdir, "
+                    "non-finite loss) with their traceback, not only their message "
+                    f"(also {errors.VERBOSE_ENV}=1).")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  errors.report_user_errors(run, verbose=FLAGS.verbose or errors.verbose_from_env())
+
+
+def run() -> None:
+  """Joins a multi-process run, then runs the mode of the flags."""
   # TF (tf.data) must not take the accelerators JAX uses.
   tf.config.set_visible_devices([], "GPU")
   sharding.maybe_initialize_distributed(
@@ -65,6 +78,17 @@ def main(argv) -> None:
   workdir = FLAGS.workdir or stmn_app.default_workdir(config_arg)
   logging.info("workdir: %s", workdir)
   stmn_app.run(FLAGS.config, workdir, FLAGS.mode, **mode_options(FLAGS.mode))
+
+
+def verbose_requested(argv: list[str]) -> bool:
+  """`--verbose` (or `--verbose=true`) on the command line, or STMN_VERBOSE=1, before flags
+  are parsed."""
+  for a in argv:
+    if a == "--":
+      break
+    if a == "--verbose" or a.lower() in ("--verbose=true", "--verbose=1"):
+      return True
+  return errors.verbose_from_env()
 
 
 def mode_options(mode: str) -> dict:
@@ -82,9 +106,8 @@ def mode_options(mode: str) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    stmn_app.check_config_overrides(sys.argv[1:], DEFAULT_CONFIG)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"main.py: {e}")
+  errors.report_user_errors(
+      lambda: stmn_app.check_config_overrides(sys.argv[1:], DEFAULT_CONFIG),
+      verbose=verbose_requested(sys.argv[1:]))
   define_flags()
   app.run(main)

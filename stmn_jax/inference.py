@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from data_pipelines import pipeline
 from stmn_jax import checkpoints
 from stmn_jax import embedding
+from stmn_jax import errors
 from stmn_jax import models
 from stmn_jax import pooling
 from stmn_jax import run_setup
@@ -59,7 +60,8 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_tree_matches(saved: Any, target: Any, source: str) -> None:
-  """Raises a ValueError when `saved` (a checkpoint's tree metadata) does not fit `target`.
+  """Raises a CheckpointMismatchError (a ValueError) when `saved` (a checkpoint's tree
+  metadata) does not fit `target`.
 
   Names the first missing / unexpected keys and shape mismatches, and `source` (the path).
   """
@@ -77,7 +79,7 @@ def check_tree_matches(saved: Any, target: Any, source: str) -> None:
   if shapes:
     k, a, b = shapes[0]
     parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {a}, model {b})")
-  raise ValueError(
+  raise errors.CheckpointMismatchError(
       f"checkpoint {source} does not match the configured model "
       f"(config.model.name / preset / depth / width): " + "; ".join(parts)
   )
@@ -90,7 +92,8 @@ def saved_tree_metadata(path: str) -> Any:
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if tree is None or "model" not in tree:
-    raise ValueError(f"{path}: expected an orbax checkpoint holding a 'model' tree")
+    raise errors.CheckpointMismatchError(
+        f"{path}: expected an orbax checkpoint holding a 'model' tree")
   return tree
 
 
@@ -117,13 +120,14 @@ def load_params(path: str, model_state: Any) -> Any:
 
 # ------------------------------------------------------------------------------ restore
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
-  """Raises FileNotFoundError naming `workdir` when it holds nothing to restore."""
+  """Raises CheckpointNotFoundError (a FileNotFoundError) naming `workdir` when it holds
+  nothing to restore."""
   if not workdir or not os.path.isdir(workdir):
-    raise FileNotFoundError(f"{flag}={workdir}: no such workdir (train first)")
+    raise errors.CheckpointNotFoundError(f"{flag}={workdir}: no such workdir (train first)")
   places = [os.path.join(workdir, p) for p in ("checkpoints", "best", os.path.join(
       "export", "params"))]
   if not any(os.path.isdir(p) and os.listdir(p) for p in places):
-    raise FileNotFoundError(
+    raise errors.CheckpointNotFoundError(
         f"{flag}={workdir}: no checkpoint (expected one of {', '.join(places)}; train first)")
 
 
@@ -144,8 +148,9 @@ def num_classes_in(config: ml_collections.ConfigDict, saved_model: Any, source: 
     if a[key] != b[key] and key in saved and len(saved[key]) == len(a[key]):
       axis = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
       return int(saved[key][axis])
-  raise ValueError(f"checkpoint {source}: cannot tell its number of training identities (no "
-                   f"classifier of config.model.name={config.model.name!r} in it)")
+  raise errors.CheckpointMismatchError(
+      f"checkpoint {source}: cannot tell its number of training identities (no classifier of "
+      f"config.model.name={config.model.name!r} in it)")
 
 
 def _restore_model_fn(config, num_classes, rngs):
@@ -163,12 +168,13 @@ def restore_model(
   then `W/export/params`. `num_classes` defaults to the classifier width saved in the
   checkpoint, so no dataset is needed.
 
-  Raises FileNotFoundError when there is neither; ValueError when the tree does not fit.
+  Raises CheckpointNotFoundError (a FileNotFoundError) when there is neither;
+  CheckpointMismatchError (a ValueError) when the tree does not fit.
   """
   run_setup.check_config(config)
   mesh = mesh or sharding.make_mesh()
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist (train first)")
+    raise errors.CheckpointNotFoundError(f"workdir {workdir} does not exist (train first)")
   which = which or config.eval.checkpoint
   with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
     if which == "best" and ckpt.best_step() is None:
@@ -183,7 +189,7 @@ def restore_model(
       source = params_dir(workdir)
       saved = saved_tree_metadata(source)
     else:
-      raise FileNotFoundError(
+      raise errors.CheckpointNotFoundError(
           f"no checkpoint in {workdir}/checkpoints, {workdir}/best or {params_dir(workdir)} "
           f"(train first)")
     if num_classes is None:

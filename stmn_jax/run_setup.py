@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 import data_pipelines
 from data_pipelines import sampling
 from data_pipelines import tracklets as tracklets_lib
+from stmn_jax import errors
 from stmn_jax import sharding
 
 EVAL_SAMPLINGS = ("rrs", "all_frames", "whole")
@@ -24,23 +25,23 @@ EVAL_SAMPLINGS = ("rrs", "all_frames", "whole")
 # ------------------------------------------------------------------------------ config checks
 def check_eval_sampling(config: ml_collections.ConfigDict) -> None:
   if config.eval.sampling not in EVAL_SAMPLINGS:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.eval.sampling = {config.eval.sampling!r}: expected one of {EVAL_SAMPLINGS}")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Training and evaluation fields checked before any work starts."""
+  """Training and evaluation fields checked before any work starts (ConfigError)."""
   check_eval_sampling(config)
   t = config.train
   if t.select_on not in ("val", "test"):
-    raise ValueError(f"config.train.select_on = {t.select_on!r}: expected 'val' or 'test'")
+    raise errors.ConfigError(f"config.train.select_on = {t.select_on!r}: expected 'val' or 'test'")
   for name in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
     if t[name] < 1:
-      raise ValueError(f"config.train.{name} = {t[name]}: expected >= 1")
+      raise errors.ConfigError(f"config.train.{name} = {t[name]}: expected >= 1")
   if config.optim.num_epochs < 1:
-    raise ValueError(f"config.optim.num_epochs = {config.optim.num_epochs}: expected >= 1")
+    raise errors.ConfigError(f"config.optim.num_epochs = {config.optim.num_epochs}: expected >= 1")
   if config.eval.checkpoint not in ("best", "latest"):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.eval.checkpoint = {config.eval.checkpoint!r}: expected 'best' or 'latest'"
     )
 
@@ -50,7 +51,7 @@ def num_steps_per_epoch(config: ml_collections.ConfigDict, num_train_ids: int) -
   if config.optim.steps_per_epoch > 0:
     return int(config.optim.steps_per_epoch)
   if config.optim.steps_per_epoch != -1:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.optim.steps_per_epoch = {config.optim.steps_per_epoch}: expected > 0 or -1"
     )
   return max(1, sampling.num_groups(num_train_ids, int(config.data.num_ids_per_batch)))

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from stmn_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -37,7 +39,7 @@ def maybe_initialize_distributed(
   if not address and count <= 1:
     return False
   if not address or count < 1 or pid < 0:
-    raise ValueError(
+    raise errors.ConfigError(
         "multi-process run needs all of coordinator address, number of processes and process "
         f"id (got address={address!r}, num_processes={count}, process_id={pid})"
     )
@@ -74,15 +76,15 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None:
-  """Raises a ValueError unless `global_batch_size` splits evenly over devices and hosts."""
+  """Raises a ConfigError unless `global_batch_size` splits evenly over devices and hosts."""
   n = mesh.size
   if global_batch_size <= 0 or global_batch_size % n:
-    raise ValueError(
+    raise errors.ConfigError(
         f"{what} = {global_batch_size} must be a positive multiple of the number of devices "
         f"({n}); change the config (or run on a multiple-fitting number of devices)"
     )
   if global_batch_size % jax.process_count():
-    raise ValueError(
+    raise errors.ConfigError(
         f"{what} = {global_batch_size} must be divisible by the number of processes "
         f"({jax.process_count()})"
     )
