@@ -173,6 +173,26 @@ def test_all_frames_pass_equals_one_clip_of_all_frames(model_and_frames):
     model.eval()
 
 
+def test_merge_chunk_summaries_is_the_module_merge_on_numpy(model_and_frames):
+  # The whole-tracklet protocol's host-side merge: `merge_summaries(first, then, xp=np)`.
+  model, frames = model_and_frames
+  mask = np.array([[True, True, True], [True, False, False]])
+  first = jax.device_get(nnx.jit(lambda m, x, k: m.chunk_summary(x, k))(model, frames, mask))
+  rs = np.random.default_rng(3)
+  then = sta.StripeSummary(*(np.asarray(x) + rs.normal(size=np.shape(x)).astype(np.float32)
+                             for x in first))
+  then = then._replace(best_score=np.where(rs.random(first.best_score.shape) < 0.5,
+                                           first.best_score, then.best_score))  # ties: first wins
+  got = model.merge_chunk_summaries(first, then)
+  expected = sta.merge_summaries(first, then, xp=np)
+  assert isinstance(got, sta.StripeSummary)
+  for a, b in zip(got, expected):
+    assert isinstance(a, np.ndarray)
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(model.merge_chunk_summaries(tuple(first), tuple(then)), expected):
+    np.testing.assert_array_equal(a, b)  # plain tuples of the leaves, e.g. after jax.tree.map
+
+
 def test_interframe_gradient_reaches_the_backbone(model_and_frames):
   # The attention has no parameters: the regulariser trains the backbone through g.
   model, frames = model_and_frames

@@ -27,7 +27,9 @@ backbone over a whole tracklet in chunks of `eval_chunk` frames (bounded memory)
 frames in one pass. Averaging the embeddings of L-frame clips goes through the normal `__call__`.
 The engine's `config.eval.sampling = "whole"` does the same jitted and masked: `chunk_summary`
 reduces each fixed-size chunk (padding masked out) to a `StripeSummary` whose size does not grow
-with the tracklet, `merge_summaries` joins a tracklet's chunks, `embed_summary` fuses and embeds.
+with the tracklet, `merge_chunk_summaries` (`merge_summaries` on host NumPy) joins a tracklet's
+chunks, `embed_summary` fuses and embeds (the whole-tracklet protocol: see
+`STA.merge_chunk_summaries`).
 """
 
 from __future__ import annotations
@@ -217,6 +219,18 @@ class STA(nnx.Module):
     v, s, _ = self.frame_stripes(frames.reshape((b * l,) + frames.shape[2:]))
     k = self.num_stripes
     return summarize(v.reshape(b, l, k, -1), s.reshape(b, l, k), mask)
+
+  def merge_chunk_summaries(self, first: StripeSummary, then: StripeSummary) -> StripeSummary:
+    """Host (NumPy) summaries of consecutive chunks (B, K, C), `first` earlier -> their summary.
+
+    The whole-tracklet protocol (`config.eval.sampling="whole"`), by which the engine talks to a
+    model without knowing it: the model has `eval_chunk` (int, frames per chunk),
+    `chunk_summary(frames (B, L, H, W, 3), mask (B, L)) -> summary` (a pytree of (B, ...)
+    arrays, here a `StripeSummary` NamedTuple, so the engine can stack, pad and slice it with
+    `jax.tree.map`), this method on NumPy leaves (any tuple of the four leaves in field order),
+    and `embed_summary(summary (B, ...)) -> (B, D)`.
+    """
+    return merge_summaries(StripeSummary(*first), StripeSummary(*then), xp=np)
 
   def embed_summary(self, summary: StripeSummary) -> jax.Array:
     """StripeSummary of whole tracklets (B, K, C) -> embeddings (B, embed_dim)."""
