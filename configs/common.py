@@ -68,17 +68,30 @@ def apply_model_preset(config: ml_collections.ConfigDict, model: str) -> None:
     model_defaults(config)
 
 
-def apply_smoke(config: ml_collections.ConfigDict) -> None:
-  """A tiny configuration that runs end to end on a 2-core CPU in seconds."""
+def apply_cpu_size(
+    config: ml_collections.ConfigDict,
+    *,
+    width: float,
+    ids_per_batch: int,
+    tracklets_per_id: int,
+    eval_batch_size: int,
+) -> None:
+  """The CPU size of the smoke run and the synthetic benchmark's jobs: a ResNet-18 at `width`
+  from scratch (no pretrained file), 64x32 frames, clips of L = 4, batches of P x K tracklets."""
   config.model.depth = 18
-  config.model.width = 0.125
+  config.model.width = width
   config.model.pretrained = ""
   config.data.height = 64
   config.data.width = 32
   config.data.seq_len = 4
-  config.data.num_ids_per_batch = 4
-  config.data.num_tracklets_per_id = 2
-  config.data.eval_batch_size = 8
+  config.data.num_ids_per_batch = ids_per_batch
+  config.data.num_tracklets_per_id = tracklets_per_id
+  config.data.eval_batch_size = eval_batch_size
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """A tiny configuration that runs end to end on a 2-core CPU in seconds."""
+  apply_cpu_size(config, width=0.125, ids_per_batch=4, tracklets_per_id=2, eval_batch_size=8)
   config.data.shuffle_buffer = 16
   config.optim.num_epochs = 2
   config.optim.steps_per_epoch = 4

@@ -10,15 +10,11 @@ by that layout's real reader. `config.dataset.synthetic` holds every generator k
 import ml_collections
 
 from configs import common
+from data_pipelines.synthetic import spec  # the knob definitions only, not the generator
 
 
 def _synthetic_knobs() -> ml_collections.ConfigDict:
-  """All generator knobs with their defaults (single source: `SyntheticSpec`).
-
-  Imports only the knob definitions (standard library), not the generator.
-  """
-  from data_pipelines.synthetic import spec  # pylint: disable=g-import-not-at-top
-
+  """All generator knobs with their defaults (single source: `SyntheticSpec`)."""
   return ml_collections.ConfigDict(spec.defaults())
 
 
@@ -56,15 +52,8 @@ def _main_job(config):
   learning rate than the paper's 1e-4 (which assumes ImageNet weights), one step decay, and
   model selection on identities held out of the training ids (the paper's protocol).
   """
-  config.model.depth = 18
-  config.model.width = 0.25
-  config.model.pretrained = ""
-  config.data.height = 64
-  config.data.width = 32
-  config.data.seq_len = 4
-  config.data.num_ids_per_batch = 8
-  config.data.num_tracklets_per_id = 4
-  config.data.eval_batch_size = 64
+  common.apply_cpu_size(
+      config, width=0.25, ids_per_batch=8, tracklets_per_id=4, eval_batch_size=64)
   config.optim.learning_rate = 1e-3
   config.optim.num_epochs = 30
   config.optim.decay_every_epochs = 20
@@ -88,15 +77,8 @@ def _ablation(config):
   config.dataset.root = "data/synthetic_ablation"
   config.dataset.synthetic.height = 64
   config.dataset.synthetic.width = 32
-  config.model.depth = 18
-  config.model.width = 0.125
-  config.model.pretrained = ""
-  config.data.height = 64
-  config.data.width = 32
-  config.data.seq_len = 4
-  config.data.num_ids_per_batch = 8
-  config.data.num_tracklets_per_id = 2
-  config.data.eval_batch_size = 64
+  common.apply_cpu_size(
+      config, width=0.125, ids_per_batch=8, tracklets_per_id=2, eval_batch_size=64)
   config.optim.learning_rate = 3e-3
   config.optim.num_epochs = 15
   config.optim.decay_every_epochs = 12
