@@ -5,6 +5,14 @@ A mode is a function `(config, workdir, **options) -> dict` named in `MODES` as
 `"module:function"`; its module is imported only when the mode runs (the pattern of
 `stmn_jax/models/__init__.py`), so no mode module imports this one and a new mode is one
 module plus one line here.
+
+One run per workdir: every mode writes into its workdir (train: checkpoints, best/, logs,
+results.json; eval: results.json; export: export/params (and the SavedModel by default);
+extract: features/; search: search/; visualize: visualize/), so `run` takes the workdir's
+lock (`workdir_lock`) for all of them before any work starts — before the mode's module is
+even imported — and lets go at the end. Only train creates a missing workdir; the other modes
+leave a missing one alone and fail on it with their own message. The modes that write
+results.json (train, eval) check first that it can be written.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ import jax
 import ml_collections
 from absl import logging
 
+from stmn_jax import errors
+from stmn_jax import results as results_lib
+from stmn_jax import workdir_lock
+
 ModeFn = Callable[..., dict]
 MODES: dict[str, str] = {
     "train": "stmn_jax.train:train_mode",
@@ -28,12 +40,19 @@ MODES: dict[str, str] = {
     "search": "stmn_jax.retrieval:search_mode",
     "visualize": "stmn_jax.visualize:visualize_mode",
 }
+CREATES_WORKDIR = ("train",)  # the other modes need a trained workdir
+WRITES_RESULTS = ("train", "eval")  # results.json, checked writable before the work
+
+
+def check_mode(name: str) -> None:
+  """Raises a ConfigError unless `name` is a mode of `MODES`."""
+  if name not in MODES:
+    raise errors.ConfigError(f"--mode={name!r}: expected one of {', '.join(sorted(MODES))}")
 
 
 def get_mode(name: str) -> ModeFn:
   """The function of mode `name`, its module imported on first use."""
-  if name not in MODES:
-    raise ValueError(f"--mode={name!r}: expected one of {', '.join(sorted(MODES))}")
+  check_mode(name)
   module_name, attr = MODES[name].split(":")
   return getattr(importlib.import_module(module_name), attr)
 
@@ -46,17 +65,22 @@ def _quiet_orbax(record) -> bool:
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **options) -> dict:
   """Runs `mode` ("train", "eval", ...) on `config` in `workdir`; returns its summary dict.
 
-  `options` are the mode's own keyword arguments (e.g. `export_dir` for export).
+  `options` are the mode's own keyword arguments (e.g. `export_dir` for export). Holds the
+  workdir's lock for the whole run (module docstring): raises WorkdirLockedError, naming the
+  other run, when one holds it.
   """
-  fn = get_mode(mode)
-  if _quiet_orbax not in logging.get_absl_logger().filters:
-    logging.get_absl_logger().addFilter(_quiet_orbax)
-  logging.info(
-      "process %d/%d, %d local / %d global devices: %s", jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices(),
-  )
-  logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
-  return fn(config, workdir, **options)
+  check_mode(mode)
+  check = (lambda: results_lib.check_writable(workdir)) if mode in WRITES_RESULTS else None
+  with workdir_lock.locked(workdir, create=mode in CREATES_WORKDIR, mode=mode, check=check):
+    fn = get_mode(mode)
+    if _quiet_orbax not in logging.get_absl_logger().filters:
+      logging.get_absl_logger().addFilter(_quiet_orbax)
+    logging.info(
+        "process %d/%d, %d local / %d global devices: %s", jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices(),
+    )
+    logging.info("mode %s, workdir %s, config:\n%s", mode, workdir, config)
+    return fn(config, workdir, **options)
 
 
 # ------------------------------------------------------------------------------ flags helpers
@@ -72,12 +96,12 @@ def load_config_file(config_arg: str) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` as config_flags does (its `get_config(arg)`)."""
   path, sep, arg = config_arg.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config={config_arg}: no config file {path}")
+    raise errors.ConfigFileNotFoundError(f"--config={config_arg}: no config file {path}")
   spec = importlib.util.spec_from_file_location("_stmn_config_check", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"--config={config_arg}: {path} has no get_config()")
+    raise errors.ConfigError(f"--config={config_arg}: {path} has no get_config()")
   return module.get_config(arg) if sep else module.get_config()
 
 
@@ -97,7 +121,7 @@ def config_overrides(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
-  """Raises a ValueError naming the first `--config.<key>` override that is not in the config.
+  """Raises a ConfigError naming the first `--config.<key>` override that is not in the config.
 
   config_flags would fail on it too, but with a traceback that names only the last path part.
   """
@@ -112,7 +136,7 @@ def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
       if part not in fields:
         where = "config" + "".join(f".{w}" for w in walked)
         hint = difflib.get_close_matches(part, list(fields), n=1)
-        raise ValueError(
+        raise errors.ConfigError(
             f"unknown config key --config.{key}: {where} has no field {part!r}"
             + (f" (did you mean {where}.{hint[0]}?)" if hint else "")
             + (f"; its fields: {', '.join(sorted(fields))}" if fields else "")

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import synthetic
+from data_pipelines.readers.common import DatasetError
 from stmn_jax import app
+from stmn_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +34,8 @@ def _main(*args, timeout=900):
 
 
 def test_unknown_config_key_names_the_key():
-  with pytest.raises(ValueError, match=r"--config.optim.num_epochz: config.optim has no field "
-                     r"'num_epochz' \(did you mean config.optim.num_epochs\?\)"):
+  with pytest.raises(errors.ConfigError, match=r"--config.optim.num_epochz: config.optim has no "
+                     r"field 'num_epochz' \(did you mean config.optim.num_epochs\?\)"):
     app.check_config_overrides(
         ["--config=configs/synthetic.py:smoke", "--config.optim.num_epochz=3"],
         "configs/synthetic.py")
@@ -51,13 +53,14 @@ def test_unknown_config_key_names_the_key():
   assert "Traceback" not in proc.stderr
 
 
-def test_default_workdir_and_unknown_mode():
+def test_default_workdir_and_unknown_mode(tmp_path):
   assert app.default_workdir("configs/synthetic.py:baseline,smoke") == os.path.join(
       "workdir", "synthetic_baseline_smoke")
   assert app.default_workdir("configs/mars.py") == os.path.join("workdir", "mars")
-  with pytest.raises(ValueError,
+  with pytest.raises(errors.ConfigError,
                      match="--mode='exprot': expected one of eval, export, extract, search, train"):
-    app.run(synthetic.get_config("smoke"), "/tmp/unused", "exprot")
+    app.run(synthetic.get_config("smoke"), str(tmp_path / "unused"), "exprot")
+  assert not os.path.exists(tmp_path / "unused")  # refused before the workdir lock
 
 
 def test_bad_inputs_fail_before_work(tmp_path):
@@ -65,7 +68,7 @@ def test_bad_inputs_fail_before_work(tmp_path):
   config = synthetic.get_config("smoke")
   config.dataset.root = str(tmp_path / "never_made")
   config.data.num_ids_per_batch, config.data.num_tracklets_per_id = 3, 3
-  with pytest.raises(ValueError, match=r"\(3 x 3\) = 9 must be a positive multiple of the "
+  with pytest.raises(errors.ConfigError, match=r"\(3 x 3\) = 9 must be a positive multiple of the "
                      r"number of devices \(4\)"):
     app.run(config, str(tmp_path / "w1"), "train")
   assert not os.path.exists(tmp_path / "never_made")
@@ -76,12 +79,13 @@ def test_bad_inputs_fail_before_work(tmp_path):
   config = mars.get_config("smoke")
   missing = str(tmp_path / "no_mars_here")
   config.dataset.root = missing
-  with pytest.raises(Exception, match="no_mars_here"):
+  with pytest.raises(DatasetError, match="no_mars_here"):
     app.run(config, str(tmp_path / "w2"), "train")
   assert not os.path.exists(tmp_path / "w2" / "checkpoints")
-  # Eval mode without a trained workdir.
-  with pytest.raises(FileNotFoundError, match="train first"):
+  # Eval mode without a trained workdir: the missing workdir is not created.
+  with pytest.raises(errors.CheckpointNotFoundError, match="train first"):
     app.run(synthetic.get_config("smoke"), str(tmp_path / "w3"), "eval")
+  assert not os.path.exists(tmp_path / "w3")
 
 
 @pytest.mark.slow
@@ -111,6 +115,7 @@ def test_smoke_run_end_to_end_then_eval_mode(tmp_path):
   assert np.mean(losses[-2:]) < losses[0], losses
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
+  assert not os.path.exists(os.path.join(workdir, ".lock"))  # the workdir lock was let go
 
   # --mode=eval restores the best checkpoint: the same numbers as the training run's test.
   proc = _main(*common, "--mode=eval")

@@ -21,7 +21,11 @@ _REGISTRY: dict[str, Reader] = {}
 
 
 class DatasetError(ValueError):
-  """A dataset on disk does not have the layout or contents a reader expects."""
+  """A dataset on disk does not have the layout or contents a reader expects.
+
+  A user error: `main.py` prints its message without a traceback (`stmn_jax.errors.USER_ERRORS`
+  names it; this layer imports nothing of stmn_jax).
+  """
 
 
 def register(name: str) -> Callable[[Reader], Reader]:
