@@ -1,5 +1,9 @@
 """config.eval.sampling = "whole": STA's masked, chunked one-pass embedding in the engine."""
 
+import json
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +14,8 @@ from PIL import Image
 from configs import synthetic
 from data_pipelines import pipeline
 from data_pipelines.tracklets import Tracklet
-from stmn_jax import embedding, evaluators, inference, ranking, run_setup, sharding
+from stmn_jax import app, checkpoints, embedding, evaluators, features_io, inference, ranking
+from stmn_jax import run_setup, sharding
 from stmn_jax import train_state
 from stmn_jax.models import sta
 
@@ -166,3 +171,73 @@ def test_unknown_sampling_is_named():
   config.eval.sampling = "everything"
   with pytest.raises(ValueError, match="config.eval.sampling.*everything"):
     run_setup.check_config(config)
+
+
+# ------------------------------------------------------------------ the modes, with STA + "whole"
+
+
+@pytest.fixture(scope="module")
+def sta_workdir(tmp_path_factory):
+  """An STA workdir (random weights, one checkpoint) on the smoke synthetic data, "whole"."""
+  tmp = tmp_path_factory.mktemp("sta_whole")
+  config = _config()
+  config.dataset.root = str(tmp / "data")
+  setup = run_setup.prepare_run(config)
+  state, _ = train_state.create_train_state(config, setup.num_classes, 1, setup.mesh)
+  workdir = str(tmp / "work")
+  with checkpoints.Checkpointer(workdir) as ckpt:
+    ckpt.save(1, state.checkpoint_tree())
+    ckpt.wait()
+  fns = embedding.make_whole_tracklet_fns(state, config, setup.mesh)
+  return config, state, setup, workdir, fns, tmp
+
+
+def test_extract_mode_embeds_whole_tracklets(sta_workdir):
+  config, state, setup, workdir, fns, _ = sta_workdir
+  gallery = list(setup.test_split.gallery)
+  summary = app.run(config, workdir, "extract", split="gallery")
+  feats, rows = features_io.read_features(summary["embeddings"])
+  want = inference.whole_tracklet_features(state, fns, gallery, config, setup.mesh)
+  np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6)
+  assert [r["num_frames"] for r in rows] == [t.num_frames for t in gallery]
+  # The clip average is another embedding: the mode did not fall back to clips.
+  clips = config.copy_and_resolve_references()
+  clips.eval.sampling = "all_frames"
+  other = inference.embed_tracklets(state, gallery[:4], clips, setup.mesh)
+  assert np.abs(other - want[:4]).max() > 1e-4
+
+
+def test_search_mode_ranks_whole_tracklet_queries(sta_workdir):
+  config, state, setup, workdir, fns, tmp = sta_workdir
+  gallery = app.run(config, workdir, "extract", split="gallery")
+  query_dir = tmp / "queries"
+  picks = list(setup.test_split.query)[:2]
+  for i, t in enumerate(picks):
+    (query_dir / f"q{i}").mkdir(parents=True)
+    for j, frame in enumerate(t.frames):  # the same bytes: decoded as the gallery's were
+      shutil.copy(frame, query_dir / f"q{i}" / f"{j:04d}{os.path.splitext(frame)[1]}")
+  summary = app.run(config, workdir, "search", query=str(query_dir),
+                    gallery=gallery["embeddings"], topk=3)
+  g_feats, _ = features_io.read_features(gallery["embeddings"])
+  q_feats = inference.whole_tracklet_features(state, fns, picks, config, setup.mesh)
+  dist = np.asarray(ranking.pairwise_distance(q_feats, g_feats, config.eval.distance))
+  for qi, result in enumerate(summary["results"]):
+    got = [m["distance"] for m in result["matches"]]
+    np.testing.assert_allclose(got, np.sort(dist[qi])[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_visualize_mode_ranks_whole_tracklets(sta_workdir):
+  config, state, setup, workdir, fns, _ = sta_workdir
+  summary = app.run(config, workdir, "visualize", topk=2)
+  assert os.path.isfile(summary["figures"]["ranked_lists"])
+  with open(summary["json"]) as f:
+    ranked = json.load(f)["ranking"]["queries"]
+  query, gallery = list(setup.test_split.query), list(setup.test_split.gallery)
+  unique = list(dict.fromkeys(query + gallery))
+  feats = inference.whole_tracklet_features(state, fns, unique, config, setup.mesh)
+  q0 = ranked[0]
+  g_feats = feats[[unique.index(t) for t in gallery]]
+  dist = np.asarray(ranking.pairwise_distance(feats[[unique.index(query[q0["query"]])]],
+                                              g_feats, config.eval.distance))[0]
+  for m in q0["matches"]:
+    np.testing.assert_allclose(m["distance"], dist[m["gallery"]], rtol=1e-4, atol=1e-5)
