@@ -233,9 +233,12 @@ def test_conv_init_is_kaiming_fan_out():
   assert k.size > resnet.INIT_BLOCK  # several sampler blocks, which must be independent:
   flat = k.reshape(-1)
   assert not np.allclose(flat[:1000], flat[resnet.INIT_BLOCK:resnet.INIT_BLOCK + 1000])
-  key = jax.random.key(3)  # same values eagerly and under jit (e.g. init inside nnx.jit)
+  key = jax.random.key(3)  # same values eagerly and under jit (e.g. init inside nnx.jit), up
+  # to float32 rounding: eager ops compiled while another module disabled XLA's optimisations
+  # (conftest.fast_compiles) stay cached and may round the last bit differently.
   eager = resnet.conv_kernel_init(key, (1, 1, 8, 16))
-  np.testing.assert_array_equal(eager, jax.jit(lambda r: resnet.conv_kernel_init(r, (1, 1, 8, 16)))(key))
+  jitted = jax.jit(lambda r: resnet.conv_kernel_init(r, (1, 1, 8, 16)))(key)
+  np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=0)
 
 
 def test_parameter_count_matches_torch_resnet50():
