@@ -56,6 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 256
   config.data.prefetch = 2
   config.data.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
+  # Decode every frame a run reads before any work starts (files source; results remembered
+  # per dataset under frame_check_cache, default ~/.cache/stmn_jax/frame_check, so later runs
+  # start at once and only new or changed frames are decoded again).
+  config.data.check_frames = True
+  config.data.frame_check_cache = ""
 
   # ---------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
