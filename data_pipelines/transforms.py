@@ -28,6 +28,8 @@ _ERASE_TAG = 2
 # the first one that fits is used.
 ERASING_ATTEMPTS = 100
 
+_GPU_HIDDEN = False
+
 
 def clip_seed(seed: int | tf.Tensor, step: int | tf.Tensor, index: int | tf.Tensor) -> tf.Tensor:
   """A stateless seed for one clip: `(seed, step, index in the global batch)` -> (2,) int32."""
@@ -36,15 +38,32 @@ def clip_seed(seed: int | tf.Tensor, step: int | tf.Tensor, index: int | tf.Tens
   return tf.random.experimental.stateless_fold_in(s, tf.cast(index, tf.int64))
 
 
-def decode_frame(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """Encoded JPEG/PNG bytes -> (H, W, 3) uint8, resized bilinearly if its size differs.
+def hide_gpus() -> None:
+  """Keep TF off the accelerators (JAX owns them); call before TF runs its first op."""
+  global _GPU_HIDDEN
+  if _GPU_HIDDEN:
+    return
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
+    pass
+  _GPU_HIDDEN = True
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/BMP/GIF bytes -> (h, w, 3) uint8 at the file's own size (the decoder)."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def resize_frame(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """(h, w, 3) uint8 -> (H, W, 3) uint8, resized bilinearly if its size differs.
 
   `antialias=True` and rounding back to uint8 as PIL's bilinear resize (the official code's
   torchvision `Resize` on a PIL image, followed by `ToTensor`); frames already at (H, W) are
   returned as decoded.
   """
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
   shape = tf.shape(image)
   same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
 
@@ -56,6 +75,11 @@ def decode_frame(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
   image = tf.cond(same, lambda: image, resize)
   image.set_shape([height, width, 3])
   return image
+
+
+def decode_frame(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """Encoded JPEG/PNG bytes -> (H, W, 3) uint8 (`decode_rgb`, then `resize_frame`)."""
+  return resize_frame(decode_rgb(encoded), height, width)
 
 
 def decode_clip(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
@@ -84,10 +108,20 @@ def check_image(encoded: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
     return tf.identity(encoded)
 
 
+def read_frame(path: tf.Tensor) -> tf.Tensor:
+  """A frame file -> (h, w, 3) uint8: read, header check (`check_image`), `decode_rgb`.
+
+  The one way frames are read from files: the pipeline (`read_clip`) and the frame check before
+  a run (`data_pipelines.frame_check`) both use it, so a frame passes the check only if training
+  can read it.
+  """
+  return decode_rgb(check_image(tf.io.read_file(path), path))
+
+
 def read_clip(paths: tf.Tensor, height: int, width: int) -> tf.Tensor:
   """(L,) file paths -> (L, H, W, 3) uint8; only these files are read."""
   return tf.map_fn(
-      lambda p: decode_frame(check_image(tf.io.read_file(p), p), height, width),
+      lambda p: resize_frame(read_frame(p), height, width),
       paths,
       fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
   )
