@@ -13,35 +13,29 @@ hosts; padding rows are zeros with `mask=False` and `tracklet_index=-1`.
 
 Frames come from the reader's file paths (`config.data.source == "files"`) or from a prepared
 TFDS ArrayRecord builder (`"tfds"`, see `data_pipelines/tfds_builders`).
+
+A frame file that fails to read while iterating (the frame check before the run was off, or the
+file changed since) raises a `DatasetError` naming the file and its tracklet, chained from
+TensorFlow's error: the iterators work out the failed batch's tracklets and frames from the plan
+and decode them again with `frame_check` (TensorFlow's own message names neither).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines import frame_check
 from data_pipelines import sampling as sampling_lib  # `sampling` is an argument name below
 from data_pipelines import transforms
+from data_pipelines.readers.common import DatasetError
 from data_pipelines.tracklets import Tracklet
 
-_GPU_HIDDEN = False
 # Normalisation, flip and erasing of a whole batch run as one XLA-compiled function.
 _JIT = True
-
-
-def _hide_gpus() -> None:
-  """Keep TF off the accelerators (JAX owns them)."""
-  global _GPU_HIDDEN
-  if _GPU_HIDDEN:
-    return
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-    pass
-  _GPU_HIDDEN = True
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -103,6 +97,25 @@ def frame_source(tracklets: Sequence[Tracklet], config) -> FrameSource:
   raise ValueError(f"config.data.source must be 'files' or 'tfds', got {source!r}")
 
 
+def _named_errors(batches: Iterator[dict[str, np.ndarray]],
+                  diagnose: Callable[[int], DatasetError | None] | None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, where a TF error at batch i becomes `diagnose(i)` (chained) if not None."""
+  i = 0
+  while True:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      error = diagnose(i) if diagnose is not None else None
+      if error is None:
+        raise
+      raise error from e
+    yield batch
+    i += 1
+
+
 def _options(num_threads: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -135,6 +148,32 @@ def local_train_batch(config, process_count: int) -> int:
   return global_batch // process_count
 
 
+def _train_planner(
+    tracklets: Sequence[Tracklet], config, process_index: int, process_count: int
+) -> Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """step -> this host's rows of its global batch: tracklets (B,), frames (B, L), rows (B,)."""
+  _check_train(tracklets)
+  local = local_train_batch(config, process_count)
+  d = config.data
+  index = sampling_lib.IdentityIndex.build([t.pid for t in tracklets],
+                                           [t.camid for t in tracklets])
+  num_frames = np.asarray([t.num_frames for t in tracklets], np.int64)
+  spe = steps_per_epoch(index.num_ids, config)
+  seed = int(config.seed)
+  rows = np.arange(process_index * local, (process_index + 1) * local)
+
+  def plan(step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = sampling_lib.train_batch(
+        index, num_frames, int(step), seed=seed, seq_len=int(d.seq_len),
+        num_ids_per_batch=int(d.num_ids_per_batch),
+        num_tracklets_per_id=int(d.num_tracklets_per_id), steps_per_epoch=spe,
+        prefer_cross_camera=bool(d.prefer_cross_camera),
+    )
+    return p.tracklets[rows], p.frames[rows], rows
+
+  return plan
+
+
 def train_dataset(
     tracklets: Sequence[Tracklet],
     config,
@@ -149,31 +188,19 @@ def train_dataset(
   Elements: `frames` (B, L, H, W, 3) float32, `pid` (B,) int32, `camid` (B,) int32 with
   B = P*K / process_count. `num_threads` sets tf.data's private thread pool (None: shared).
   """
-  _hide_gpus()
-  _check_train(tracklets)
+  transforms.hide_gpus()
   process_index, process_count = _process(process_index, process_count)
+  planner = _train_planner(tracklets, config, process_index, process_count)
   local = local_train_batch(config, process_count)
   d = config.data
   L, H, W = int(d.seq_len), int(d.height), int(d.width)
-  index = sampling_lib.IdentityIndex.build([t.pid for t in tracklets],
-                                           [t.camid for t in tracklets])
-  num_frames = np.asarray([t.num_frames for t in tracklets], np.int64)
   pids = np.asarray([t.pid for t in tracklets], np.int32)
   camids = np.asarray([t.camid for t in tracklets], np.int32)
-  spe = steps_per_epoch(index.num_ids, config)
   seed = int(config.seed)
-  rows = np.arange(process_index * local, (process_index + 1) * local)
 
   def plan(step: np.int64):
-    p = sampling_lib.train_batch(
-        index, num_frames, int(step), seed=seed, seq_len=L,
-        num_ids_per_batch=int(d.num_ids_per_batch),
-        num_tracklets_per_id=int(d.num_tracklets_per_id), steps_per_epoch=spe,
-        prefer_cross_camera=bool(d.prefer_cross_camera),
-    )
-    t = p.tracklets[rows]
-    return (t.astype(np.int64), p.frames[rows].astype(np.int64), pids[t], camids[t],
-            rows.astype(np.int64))
+    t, f, rows = planner(int(step))
+    return (t.astype(np.int64), f.astype(np.int64), pids[t], camids[t], rows.astype(np.int64))
 
   def plan_tf(step):
     t, f, pid, cam, row = tf.numpy_function(
@@ -220,13 +247,23 @@ def train_iterator(
   """Endless host-local train batches `{"frames", "pid", "camid"}` from `start_step` on.
 
   Deterministic in `(config.seed, step)`: `start_step=s` yields the batches an uninterrupted
-  run yields from step s on.
+  run yields from step s on. A frame file that fails to read raises a `DatasetError` naming it
+  and its tracklet (from files; TFDS records keep TensorFlow's error).
   """
+  process_index, process_count = _process(process_index, process_count)
   ds = train_dataset(
       tracklets, config, start_step=start_step, process_index=process_index,
       process_count=process_count, num_threads=num_threads,
   )
-  return iter(ds.as_numpy_iterator())
+  files = config.data.get("source", "files") == "files"
+
+  def diagnose(i: int) -> DatasetError | None:
+    step = int(start_step) + i
+    t, f, _ = _train_planner(tracklets, config, process_index, process_count)(step)
+    return frame_check.find_bad_frames(zip(t, f), tracklets, "train",
+                                       f"in the train batch of step {step}")
+
+  return _named_errors(ds.as_numpy_iterator(), diagnose if files else None)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -244,6 +281,8 @@ class EvalIterator:
   plan: sampling_lib.EvalPlan
   process_index: int
   dataset: tf.data.Dataset
+  # The tracklets read from files: a frame that fails to read is then named (None: TFDS).
+  tracklets: Sequence[Tracklet] | None = None
 
   @property
   def num_batches(self) -> int:
@@ -257,7 +296,17 @@ class EvalIterator:
     return self.num_batches
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self.dataset.as_numpy_iterator())
+    diagnose = self._diagnose if self.tracklets else None
+    return _named_errors(self.dataset.as_numpy_iterator(), diagnose)
+
+  def _diagnose(self, i: int) -> DatasetError | None:
+    """The error naming the unreadable frames of batch i (this host's rows of it)."""
+    rows = self.plan.host_rows(self.process_index)[i * self.local_batch:
+                                                   (i + 1) * self.local_batch]
+    rows = rows[self.plan.mask[rows]]
+    return frame_check.find_bad_frames(
+        zip(self.plan.tracklet[rows], self.plan.frames[rows]), self.tracklets, "eval",
+        f"in eval batch {i} of {self.num_batches}")
 
 
 def eval_iterator(
@@ -276,7 +325,7 @@ def eval_iterator(
   `config.eval.sampling` / `config.eval.clips`. Shapes are fixed (padding rows are zeros with
   `mask=False`, `tracklet_index=-1`), so a jitted eval step compiles once.
   """
-  _hide_gpus()
+  transforms.hide_gpus()
   mode = sampling or config.eval.sampling
   clips = clips or config.eval.clips
   process_index, process_count = _process(process_index, process_count)
@@ -320,4 +369,5 @@ def eval_iterator(
     ds = ds.prefetch(int(d.prefetch))
     return ds.with_options(_options(num_threads))
 
-  return EvalIterator(plan=plan, process_index=process_index, dataset=make())
+  files = tuple(tracklets) if config.data.get("source", "files") == "files" else None
+  return EvalIterator(plan=plan, process_index=process_index, dataset=make(), tracklets=files)

@@ -3,7 +3,8 @@
 `prepare_run(config)` is the one place where a run's fields are checked, the device mesh is
 made and the batch sizes are checked against it, and the dataset is read (with the validation
 identities held out of the training ids) — so that bad input stops every mode the same way,
-before any compilation or training. TF-free: the readers only list files.
+before any compilation or training. TF-free at import: the readers only list files, and the
+frame check loads TensorFlow only to decode frames it has not seen decode before.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 import data_pipelines
+from data_pipelines import frame_check
 from data_pipelines import sampling
 from data_pipelines import tracklets as tracklets_lib
 from stmn_jax import errors
@@ -111,7 +113,13 @@ def prepare_run(
     read_data: bool = True,
 ) -> RunSetup:
   """Checks the config, makes the mesh (or takes `mesh`), checks the batch sizes against it and
-  (with `read_data`) reads the dataset (`split` replaces it: tests, notebooks)."""
+  (with `read_data`) reads the dataset (`split` replaces it: tests, notebooks).
+
+  With `config.data.check_frames` (default True) every frame of the train, selection and test
+  tracklets is then checked to decode (`data_pipelines.frame_check`, remembered in
+  `config.data.frame_check_cache`), so a bad frame stops the run here, named with its tracklet.
+  Frames from files only: TFDS records were encoded (so decoded) by their builder.
+  """
   check_config(config)
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_config(config, mesh)
@@ -121,4 +129,8 @@ def prepare_run(
     setup.train_split, setup.selection_split, setup.test_split = train_split, sel_split, test_split
     setup.selection = sel_label
     setup.num_classes = num_classes_of(train_split)
+    if config.data.get("source", "files") == "files" and config.data.get("check_frames", True):
+      frame_check.check_tracklets(
+          frame_check.run_parts(train_split, sel_split, test_split, sel_label),
+          cache_dir=config.data.get("frame_check_cache", ""))
   return setup

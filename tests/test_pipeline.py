@@ -11,6 +11,7 @@ tf = pytest.importorskip("tensorflow")
 from configs import synthetic  # pylint: disable=g-import-not-at-top
 from data_pipelines import pipeline
 from data_pipelines import sampling
+from data_pipelines.readers.common import DatasetError
 from data_pipelines.tracklets import Tracklet
 
 H, W = 32, 16
@@ -194,8 +195,10 @@ def test_only_the_sampled_frames_are_read(tmp_path):
   # A corrupt frame that is sampled gives an error naming the problem.
   all_frames = pipeline.eval_iterator(tracks, config, sampling="all_frames",
                                       process_index=0, process_count=1)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=r"not a JPEG/PNG.*t0_f01\.png"):
+  with pytest.raises(DatasetError, match=r"t0_f01\.png: .*not a JPEG/PNG") as info:
     list(all_frames)
+  assert isinstance(info.value.__cause__, tf.errors.InvalidArgumentError)
+  assert "in eval tracklet 0 (pid 0, camera 0, 12 frames" in str(info.value)
 
 
 def test_input_benchmark_runs_and_reports(tmp_path, capsys):
