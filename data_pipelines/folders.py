@@ -15,8 +15,7 @@ import csv
 import os
 from typing import Any
 
-from PIL import Image
-
+from data_pipelines import frame_check
 from data_pipelines.tracklets import Tracklet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -41,21 +40,13 @@ def _read_folder_labels(path: str) -> dict[str, tuple[int, int]]:
   return labels
 
 
-def _check_frame(path: str) -> None:
-  try:
-    with Image.open(path) as image:
-      image.load()
-  except Exception as e:  # PIL raises several types for bad files
-    raise ValueError(f"unreadable frame {path}: {e}") from e
-
-
 def read_folder(input_dir: str, verify: bool = True,
                 flag: str = "--input_dir") -> tuple[list[str], list[Any]]:
   """(names, tracklets) of `input_dir`: one sub-folder of frames (JPEG / PNG / BMP) per tracklet.
 
   Frames are sorted by file name. An optional `input_dir/tracklets.csv` (tracklet, pid, camera)
   gives labels; unlabelled tracklets get pid -1, camera -1. Errors name the empty folder, the
-  unreadable frame (`verify` decodes every frame) or the CSV row; `flag` names the folder's
+  unreadable frames (`verify` decodes every frame as the pipeline does, `frame_check`) or the CSV row; `flag` names the folder's
   command-line flag.
   """
   if not os.path.isdir(input_dir):
@@ -78,9 +69,9 @@ def read_folder(input_dir: str, verify: bool = True,
     if not frames:
       raise ValueError(f"tracklet folder {folder} has no frames (expected "
                        f"{', '.join(IMAGE_EXTENSIONS)} files)")
-    if verify:
-      for frame in frames:
-        _check_frame(frame)
     pid, camid = labels.get(name, (-1, -1))
     out.append(Tracklet(frames=tuple(frames), pid=pid, camid=camid))
+  if verify:  # with the pipeline's own decoder, so what passes here reads in the pipeline
+    frame_check.check_tracklets([(f"{flag} folder", out)], cache_dir=frame_check.NO_CACHE,
+                                root=input_dir)
   return names, out

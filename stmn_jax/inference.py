@@ -226,9 +226,10 @@ def prepare(
 ) -> Prepared:
   """The shared set-up of eval, export, extract, search and visualize: checks the config and
   `workdir` (`flag` names it in errors), makes the mesh, reads the dataset (`read_data`),
-  restores the model (`which`: "best" / "latest", default `config.eval.checkpoint`)."""
+  restores the model (`which`: "best" / "latest", default `config.eval.checkpoint`). Only the
+  test tracklets' frames are checked up front: these modes read no others."""
   check_workdir(workdir, flag)
-  setup = run_setup.prepare_run(config, read_data=read_data)
+  setup = run_setup.prepare_run(config, read_data=read_data, frames_of="test")
   state, label, step = restore_model(config, workdir, setup.mesh, which, setup.num_classes)
   return Prepared(setup=setup, state=state, checkpoint=label, step=step)
 

@@ -110,13 +110,14 @@ class RunSetup:
 
 def prepare_run(
     config: ml_collections.ConfigDict, *, mesh: Mesh | None = None, split=None,
-    read_data: bool = True,
+    read_data: bool = True, frames_of: str = "run",
 ) -> RunSetup:
   """Checks the config, makes the mesh (or takes `mesh`), checks the batch sizes against it and
   (with `read_data`) reads the dataset (`split` replaces it: tests, notebooks).
 
-  With `config.data.check_frames` (default True) every frame of the train, selection and test
-  tracklets is then checked to decode (`data_pipelines.frame_check`, remembered in
+  With `config.data.check_frames` (default True) every frame the mode reads — `frames_of`
+  "run": the train, selection and test tracklets; "test": the test query and gallery — is then
+  checked to decode (`data_pipelines.frame_check`, remembered in
   `config.data.frame_check_cache`), so a bad frame stops the run here, named with its tracklet.
   Frames from files only: TFDS records were encoded (so decoded) by their builder.
   """
@@ -130,7 +131,10 @@ def prepare_run(
     setup.selection = sel_label
     setup.num_classes = num_classes_of(train_split)
     if config.data.get("source", "files") == "files" and config.data.get("check_frames", True):
-      frame_check.check_tracklets(
-          frame_check.run_parts(train_split, sel_split, test_split, sel_label),
-          cache_dir=config.data.get("frame_check_cache", ""))
+      parts = frame_check.run_parts(train_split, sel_split, test_split, sel_label)
+      if frames_of == "test":
+        parts = [(label, ts) for label, ts in parts if label.startswith("test ")]
+      elif frames_of != "run":
+        raise ValueError(f"frames_of={frames_of!r}: expected 'run' or 'test'")
+      frame_check.check_tracklets(parts, cache_dir=config.data.get("frame_check_cache", ""))
   return setup

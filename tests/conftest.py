@@ -1,6 +1,7 @@
 """Test setup: 4 fake CPU devices, set before jax is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -8,6 +9,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Caches the code keeps in the user's home (the frame check's) go to a folder of this run.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="stmn_test_cache_")
 
 
 import pytest  # noqa: E402  (after the environment above)

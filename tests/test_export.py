@@ -200,7 +200,7 @@ def test_extract_split_and_folder_errors(trained):
     app.run(config, workdir, "extract", input_dir=str(bad))
   with open(bad / "t1" / "000.jpg", "wb") as f:
     f.write(b"not a jpeg at all")
-  with pytest.raises(ValueError, match=r"unreadable frame .*bad_folder/t1/000.jpg"):
+  with pytest.raises(ValueError, match=r"(?s)unreadable.*tracklet 0.*bad_folder/t1/000.jpg"):
     app.run(config, workdir, "extract", input_dir=str(bad))
 
 
