@@ -1,19 +1,39 @@
-"""Orbax checkpoints (V0 `CheckpointManager`, `args.StandardSave` / `StandardRestore`).
+"""Orbax checkpoints (V0 `CheckpointManager`): the latest-N and the best checkpoint of a run.
 
 Two managers under the workdir:
-- `WORKDIR/checkpoints`: periodic and final saves, the last `keep` kept; training resumes from
-  the newest one;
+- `WORKDIR/checkpoints`: periodic, evaluation-step and final saves, the last `keep` kept;
+  training resumes from the newest one. Each step holds two items: `default` (the state,
+  `args.StandardSave`) and `selection` (`args.JsonSave`, `SelectionState`: the validation
+  history, the best step and score, the loss history). Both are committed together (one
+  atomic rename of the step folder), so a resumed run knows exactly which evaluations up to
+  its step are done and which checkpoint is the best. Checkpoints of older versions have no
+  `selection` item: `restore_selection` returns None for them.
 - `WORKDIR/best`: one checkpoint, the best by the selection metric (validation mAP, or test mAP
-  when `config.train.select_on == "test"`), with its metrics stored by orbax (`best_fn`).
+  when `config.train.select_on == "test"`), its metrics stored by orbax (`best_fn`).
 
-A checkpoint is a pytree `{"model": ..., "optimizer": ..., "step": int64[], "rng": uint32[2]}`
-of pure dicts (`nnx.to_pure_dict`). Restores go into a *concrete* target (arrays already placed
-with their shardings), never an `nnx.eval_shape` one made under `jax.set_mesh`: orbax cannot
-restore into `AbstractMesh` shardings.
+Ordering (what makes a kill at any moment recoverable, `train.py`): a `best/` save of step s is
+only started once `checkpoints/s` (whose selection state names s as the best) is committed, and a
+`checkpoints/` save only starts once the pending `best/` save is committed. So `best/` never
+holds a step newer than the newest committed `checkpoints/` step, and the best named by that
+step's selection state is either committed in `best/` or is that very step (re-saved from it on
+resume, `ensure_best`).
+
+Saves run in the background. `check_for_errors()` (cheap, non-blocking; called after every
+training step) and every wait raise a `CheckpointError` naming the checkpoint, its path and the
+OS error as soon as a background save has failed. Unfinished saves leave
+`*.orbax-checkpoint-tmp*` folders: orbax never lists them as steps, and a writable
+`Checkpointer` deletes them when it is created (do not open one on a workdir that a running
+training writes to).
+
+A state tree is `{"model": ..., "optimizer": ..., "step": int64[], "rng": uint32[2]}` of pure
+dicts (`nnx.to_pure_dict`). Restores go into a *concrete* target (arrays already placed with
+their shardings), never an `nnx.eval_shape` one made under `jax.set_mesh`: orbax cannot restore
+into `AbstractMesh` shardings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -21,8 +41,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from stmn_jax import errors
 
 BEST_METRIC = "mAP"
+STATE_ITEM = "default"  # the item name orbax gives a single-item checkpoint (older versions)
+SELECTION_ITEM = "selection"
+SELECTION_VERSION = 1
+
+
+class CheckpointError(errors.CheckpointError):
+  """A checkpoint could not be written, or a workdir's checkpoints are inconsistent (a user
+  error: `main.py` prints its one-line message; a RuntimeError)."""
 
 
 def is_finite_tree(tree: Any) -> bool:
@@ -34,8 +65,82 @@ def is_finite_tree(tree: Any) -> bool:
   return True
 
 
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+  """The scalar entries of `metrics` as floats (what `best/` stores with a checkpoint)."""
+  return {k: float(v) for k, v in metrics.items() if np.isscalar(v) or np.ndim(v) == 0}
+
+
+def _error_reason(exc: BaseException) -> str:
+  """One line: the first OS error in `exc`'s chain (errno, message, file), else its message."""
+  seen: BaseException | None = exc
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      where = f": {seen.filename}" if seen.filename else ""
+      return f"[Errno {seen.errno}] {seen.strerror or os.strerror(seen.errno)}{where}"
+    seen = seen.__cause__ or seen.__context__
+  text = " ".join(str(exc).split())
+  if len(text) > 600:
+    text = text[:600] + " ..."
+  return f"{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------ selection state
+@dataclasses.dataclass
+class SelectionState:
+  """What model selection and results.json depend on, saved with every latest checkpoint.
+
+  `history`: `[{"step": s, <label>: results}]` of the evaluations done (JSON-ready);
+  `best_step` / `best_metrics`: the best evaluation so far (scalar metrics) or None;
+  `loss_history`: `[(step, loss)]` of the logged steps; `train`: the last fetched train metrics.
+  `known` is False for a checkpoint of an older version without this item: then the history is
+  lost and the best is what `best/` holds (`Checkpointer.legacy_selection`).
+  """
+
+  history: list[dict] = dataclasses.field(default_factory=list)
+  best_step: int | None = None
+  best_metrics: dict[str, float] | None = None
+  loss_history: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+  train: dict[str, float] = dataclasses.field(default_factory=dict)
+  known: bool = True
+
+  def is_better(self, metrics: dict) -> bool:
+    """True when `metrics[BEST_METRIC]` beats the best so far (strictly)."""
+    if BEST_METRIC not in metrics:
+      raise KeyError(f"model selection needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
+    return self.best_metrics is None or float(metrics[BEST_METRIC]) > float(
+        self.best_metrics[BEST_METRIC])
+
+  def evaluated_steps(self) -> list[int]:
+    return [int(h["step"]) for h in self.history]
+
+  def to_json(self) -> dict:
+    return {
+        "version": SELECTION_VERSION,
+        "history": self.history,
+        "best_step": self.best_step,
+        "best_metrics": self.best_metrics,
+        "loss_history": [[int(s), float(v)] for s, v in self.loss_history],
+        "train": self.train,
+    }
+
+  @classmethod
+  def from_json(cls, d: dict) -> SelectionState:
+    if int(d.get("version", 0)) != SELECTION_VERSION:
+      raise CheckpointError(f"selection state version {d.get('version')!r}: expected "
+                            f"{SELECTION_VERSION}")
+    best_step = d.get("best_step")
+    return cls(
+        history=list(d.get("history") or []),
+        best_step=None if best_step is None else int(best_step),
+        best_metrics=d.get("best_metrics"),
+        loss_history=[(int(s), float(v)) for s, v in d.get("loss_history") or []],
+        train=dict(d.get("train") or {}),
+    )
+
+
+# ------------------------------------------------------------------------------ checkpointer
 class Checkpointer:
-  """Latest-N and best checkpoints of one training run."""
+  """Latest-N (with selection state) and best checkpoints of one training run."""
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     if keep < 1:
@@ -43,11 +148,20 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.latest_dir = os.path.join(self.workdir, "checkpoints")
     self.best_dir = os.path.join(self.workdir, "best")
+    self.read_only = read_only
+    # Multi-item manager: mode fixed here, so the step folders' contents never switch it (a
+    # state-only folder of an older version restores through the same `Composite` args).
     self._latest = ocp.CheckpointManager(
         self.latest_dir,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         ),
+        item_names=(STATE_ITEM, SELECTION_ITEM),
+        item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            SELECTION_ITEM: ocp.JsonCheckpointHandler(),
+        },
     )
     self._best = ocp.CheckpointManager(
         self.best_dir,
@@ -57,8 +171,19 @@ class Checkpointer:
             best_mode="max",
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         ),
     )
+    # The save of each manager that was started and not yet checked: (step, final path).
+    self._unchecked: dict[str, tuple[int, str]] = {}
+
+  def _manager(self, which: str) -> ocp.CheckpointManager:
+    if which not in ("latest", "best"):
+      raise ValueError(f"checkpoint {which!r}: expected 'latest' or 'best'")
+    return self._latest if which == "latest" else self._best
+
+  def _dir(self, which: str) -> str:
+    return self.latest_dir if which == "latest" else self.best_dir
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -67,39 +192,132 @@ class Checkpointer:
   def best_step(self) -> int | None:
     return self._best.best_step()
 
-  def best_metrics(self) -> dict | None:
-    """The stored metrics of the best checkpoint (None when there is none)."""
-    self._best.wait_until_finished()  # metrics of an in-flight save are not readable yet
-    step = self._best.best_step()
+  def best_steps(self) -> list[int]:
+    """Every committed step in `best/` (normally one)."""
+    return list(self._best.all_steps())
+
+  def best_metrics(self, step: int | None = None) -> dict | None:
+    """The stored metrics of the best checkpoint (or of `step`); None when there is none."""
+    self._wait("best")  # metrics of an in-flight save are not readable yet
+    step = self._best.best_step() if step is None else step
     if step is None:
       return None
     return dict(self._best.metrics(step) or {})
 
+  def has_selection(self, step: int) -> bool:
+    """Whether latest checkpoint `step` holds a selection state (False: an older version)."""
+    return os.path.isdir(os.path.join(self.latest_dir, str(step), SELECTION_ITEM))
+
+  # ------------------------------------------------------------------ errors
+  def _raise(self, which: str, step: int | None, exc: BaseException) -> None:
+    path = os.path.join(self._dir(which), str(step) if step is not None else "")
+    what = f"{which} checkpoint of step {step}" if step is not None else f"{which} checkpoint"
+    raise CheckpointError(f"saving the {what} to {path} failed: {_error_reason(exc)}") from exc
+
+  def _wait(self, which: str) -> None:
+    """Waits for `which`'s background save; a CheckpointError if it failed."""
+    step = self._unchecked.pop(which, (None, ""))[0]
+    try:
+      self._manager(which).wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise(which, step, e)
+
+  def check_for_errors(self) -> None:
+    """Raises a CheckpointError if a background save has failed (never blocks)."""
+    for which in list(self._unchecked):
+      if not self._manager(which).is_saving_in_progress():
+        self._wait(which)  # finished: returns at once, or raises its error
+
   # ------------------------------------------------------------------ saving
-  def save(self, step: int, tree: Any) -> bool:
-    """Saves `tree` as step `step` in the latest manager (refuses non-finite trees)."""
+  def save(self, step: int, tree: Any, selection: SelectionState | None = None) -> bool:
+    """Saves `tree` (and `selection`) as step `step` in the latest manager.
+
+    Refuses non-finite trees; returns False when `step` is already saved. Waits first for a
+    pending best save (so a committed latest step implies the best it names is committed).
+    """
     if not is_finite_tree(tree):
       raise FloatingPointError(f"refusing to save a non-finite state at step {step}")
+    self._wait("best")
+    self._wait("latest")
     if step in self._latest.all_steps():
       return False
-    return self._latest.save(step, args=ocp.args.StandardSave(tree), force=True)
+    items = {STATE_ITEM: ocp.args.StandardSave(tree)}
+    if selection is not None:
+      items[SELECTION_ITEM] = ocp.args.JsonSave(selection.to_json())
+    try:
+      saved = self._latest.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise("latest", step, e)
+    self._unchecked["latest"] = (step, os.path.join(self.latest_dir, str(step)))
+    return saved
+
+  def save_best(self, step: int, tree: Any, metrics: dict) -> None:
+    """Saves `tree` as the best checkpoint of step `step` (replacing any other in `best/`).
+
+    Waits first for the pending latest save: `best/` must never get ahead of `checkpoints/`.
+    """
+    if BEST_METRIC not in metrics:
+      raise KeyError(f"best checkpoint needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
+    if not is_finite_tree(tree):
+      raise FloatingPointError(f"refusing to save a non-finite state at step {step}")
+    self._wait("latest")
+    self._wait("best")
+    if step in self._best.all_steps():
+      self._best.delete(step)
+    try:
+      self._best.save(step, args=ocp.args.StandardSave(tree), metrics=scalar_metrics(metrics),
+                      force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise("best", step, e)
+    self._unchecked["best"] = (step, os.path.join(self.best_dir, str(step)))
 
   def maybe_save_best(self, step: int, tree: Any, metrics: dict) -> bool:
     """Saves `tree` in `best/` if `metrics[BEST_METRIC]` beats the stored best."""
     if BEST_METRIC not in metrics:
       raise KeyError(f"best checkpoint needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
-    value = float(metrics[BEST_METRIC])
     best = self.best_metrics()
-    if best is not None and value <= float(best[BEST_METRIC]):
+    if best is not None and float(metrics[BEST_METRIC]) <= float(best[BEST_METRIC]):
       return False
-    if not is_finite_tree(tree):
-      raise FloatingPointError(f"refusing to save a non-finite state at step {step}")
-    stored = {k: float(v) for k, v in metrics.items() if np.isscalar(v) or np.ndim(v) == 0}
-    if step in self._best.all_steps():
-      self._best.wait_until_finished()
-      self._best.delete(step)
-    self._best.save(step, args=ocp.args.StandardSave(tree), metrics=stored, force=True)
+    self.save_best(step, tree, metrics)
     return True
+
+  # ------------------------------------------------------------------ resume
+  def restore_selection(self, step: int) -> SelectionState | None:
+    """The selection state saved with latest checkpoint `step`; None for an older version."""
+    if not self.has_selection(step):
+      return None
+    restored = self._latest.restore(
+        step, args=ocp.args.Composite(**{SELECTION_ITEM: ocp.args.JsonRestore()}))
+    return SelectionState.from_json(dict(restored[SELECTION_ITEM]))
+
+  def legacy_selection(self, step: int) -> SelectionState:
+    """An 'unknown' selection state for latest checkpoint `step` of an older version: the best
+    is the best of `best/` up to `step` (later ones, made after `step` by the killed run, are
+    deleted: the resumed run redoes those evaluations); the history is lost."""
+    later = [s for s in self.best_steps() if s > step]
+    for s in later:
+      self._best.delete(s)
+    best = self._best.best_step()
+    metrics = None if best is None else self.best_metrics(best)
+    if metrics is not None and BEST_METRIC not in metrics:
+      best, metrics = None, None
+    return SelectionState(best_step=best, best_metrics=metrics, known=False)
+
+  def ensure_best(self, selection: SelectionState, step: int, tree: Any) -> None:
+    """Makes `best/` hold exactly the best that `selection` (restored with latest checkpoint
+    `step`, whose state is `tree`) names: other steps are deleted; a best of `step` itself
+    that was never committed (killed run) is saved again from `tree`."""
+    for s in self.best_steps():
+      if s != selection.best_step:
+        self._best.delete(s)
+    b = selection.best_step
+    if b is None or b in self.best_steps():
+      return
+    if b != step:
+      raise CheckpointError(
+          f"{os.path.join(self.best_dir, str(b))}: the best checkpoint named by "
+          f"{os.path.join(self.latest_dir, str(step))} is missing")
+    self.save_best(step, tree, selection.best_metrics or {})
 
   # ------------------------------------------------------------------ restoring
   def restore(self, target: Any, which: str = "latest", step: int | None = None) -> Any:
@@ -107,26 +325,40 @@ class Checkpointer:
 
     `which` is "latest" or "best"; raises FileNotFoundError when there is no checkpoint.
     """
-    if which not in ("latest", "best"):
-      raise ValueError(f"checkpoint {which!r}: expected 'latest' or 'best'")
-    mngr = self._latest if which == "latest" else self._best
+    mngr = self._manager(which)
     if step is None:
       step = mngr.latest_step() if which == "latest" else mngr.best_step()
     if step is None:
-      directory = self.latest_dir if which == "latest" else self.best_dir
-      raise FileNotFoundError(f"no {which} checkpoint in {directory}")
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+      raise errors.CheckpointNotFoundError(f"no {which} checkpoint in {self._dir(which)}")
+    if which == "best":
+      return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+    return restored[STATE_ITEM]
 
   def wait(self) -> None:
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Waits for the background saves; a CheckpointError if one failed."""
+    self._wait("latest")
+    self._wait("best")
 
-  def close(self) -> None:
+  def close(self, quiet: bool = False) -> None:
+    """Waits for the background saves and closes; a failed save raises a CheckpointError
+    (with `quiet`, e.g. while another error propagates, it is only logged)."""
+    failures = []
+    for which in ("latest", "best"):
+      try:
+        self._wait(which)
+      except CheckpointError as e:
+        failures.append(e)
     self._latest.close()
     self._best.close()
+    for e in failures[1 if not quiet else 0:]:
+      logging.error("%s", e)
+    if failures and not quiet:
+      raise failures[0]
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    self.close(quiet=exc_type is not None)

@@ -4,9 +4,14 @@
 best checkpoint by the selection split's mAP (`evaluators`), tests it, and writes
 `results.json`. The step itself is `train_state.make_train_step` (TF- and clu-free).
 
-Resume is exact: a checkpoint holds model, optimizer, step and key; the data position comes
-from `pipeline.train_iterator(start_step=step)`, which yields exactly the batches an
-uninterrupted run sees from that step on.
+Resume is exact: a checkpoint holds model, optimizer, step and key, and the selection state
+(evaluations done, the best step and score, the validation and loss histories,
+`checkpoints.SelectionState`), committed together; the data position comes from
+`pipeline.train_iterator(start_step=step)`, which yields exactly the batches an uninterrupted
+run sees from that step on. A run killed at any moment and started again ends with the same
+selected checkpoint, test results and histories as an uninterrupted one (`checkpoints.py` has
+the save order this relies on). A failed background save stops the run after the current step
+with a `checkpoints.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -82,11 +87,72 @@ def train_and_evaluate(
       sel_label if sel_split is not None else "nothing (no validation ids)",
   )
 
+  def is_eval_step(done: int) -> bool:
+    return sel_split is not None and (done % eval_every == 0 or done == total_steps)
+
   state, lr_fn = train_state_lib.create_train_state(config, num_classes, spe, mesh, model_fn)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest"))
-    logging.info("resumed from %s at step %d", ckpt.latest_dir, state.step)
+  closed_cleanly = False
+  try:
+    summary = _train_loop(
+        config, workdir, state, lr_fn, ckpt, setup, is_eval_step, loss_fn, max_steps)
+    closed_cleanly = True
+  finally:
+    ckpt.close(quiet=not closed_cleanly)
+  return state, summary
+
+
+def _resume(
+    state: train_state_lib.TrainState, ckpt: ckpt_lib.Checkpointer, is_eval_step: Callable
+) -> tuple[ckpt_lib.SelectionState, bool]:
+  """Restores the newest checkpoint into `state` (if any) with its selection state.
+
+  Returns (selection state, whether the evaluation at the resumed step must be redone: only
+  for a checkpoint of an older version, whose selection state is unknown).
+  """
+  latest = ckpt.latest_step()
+  if latest is None:
+    return ckpt_lib.SelectionState(), False
+  state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest"))
+  selection = ckpt.restore_selection(latest)
+  if selection is None:
+    selection = ckpt.legacy_selection(latest)
+    logging.warning(
+        "%s has no selection state (an older version wrote it): the evaluation history "
+        "before step %d is lost; best so far: %s", os.path.join(ckpt.latest_dir, str(latest)),
+        latest, "none" if selection.best_step is None else f"step {selection.best_step}")
+    redo = is_eval_step(latest)
+  else:
+    ckpt.ensure_best(selection, latest, state.checkpoint_tree())
+    redo = False
+  logging.info("resumed from %s at step %d (evaluated at steps %s; best: %s)",
+               ckpt.latest_dir, state.step, selection.evaluated_steps() or "none",
+               "none" if selection.best_step is None else f"step {selection.best_step}")
+  return selection, redo
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    state: train_state_lib.TrainState,
+    lr_fn: Any,
+    ckpt: ckpt_lib.Checkpointer,
+    setup: run_setup.RunSetup,
+    is_eval_step: Callable,
+    loss_fn: train_state_lib.LossFn | None,
+    max_steps: int | None,
+) -> dict:
+  """The body of `train_and_evaluate` once the state and checkpointer exist; the summary.
+
+  Order at an evaluation step s (what a kill at any moment relies on, `checkpoints.py`):
+  evaluate, then save `checkpoints/s` with the selection state that includes the evaluation,
+  then (new best only, once `checkpoints/s` is committed) save `best/s`.
+  """
+  mesh, sel_split, test_split = setup.mesh, setup.selection_split, setup.test_split
+  sel_label, spe = setup.selection, setup.steps_per_epoch
+  total_steps = config.optim.num_epochs * spe
+  batch_size = config.data.num_ids_per_batch * config.data.num_tracklets_per_id
+  selection, redo_eval = _resume(state, ckpt, is_eval_step)
   start_step = state.step
   step_fn = train_state_lib.make_train_step(state, config, mesh, lr_fn, loss_fn)
   evaluator = evaluators.from_config(state, config, mesh)  # fails here for a bad eval set-up
@@ -103,11 +169,8 @@ def train_and_evaluate(
   hooks = [report] if jax.process_index() == 0 else []
   summary: dict[str, Any] = {
       "selection": sel_label if sel_split is not None else None,
-      "num_classes": num_classes, "steps_per_epoch": spe, "total_steps": total_steps,
+      "num_classes": setup.num_classes, "steps_per_epoch": spe, "total_steps": total_steps,
   }
-  last_train: dict = {}
-  history: list[dict] = []
-  loss_history: list[tuple[int, float]] = []
   stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
   def evaluate_on(split, label):
@@ -117,82 +180,98 @@ def train_and_evaluate(
     logging.info("eval on %s at step %d:\n%s", label, state.step, ranking.format_table(res))
     return res
 
+  def select(done: int) -> dict | None:
+    """Evaluates on the selection split and records it; the results if they are a new best."""
+    res = evaluate_on(sel_split, sel_label)
+    selection.history.append({"step": done, sel_label: ranking.json_ready(res)})
+    if not selection.is_better(res):
+      return None
+    selection.best_step, selection.best_metrics = done, ckpt_lib.scalar_metrics(res)
+    return res
+
+  def save_best(done: int, res: dict) -> None:
+    ckpt.save_best(done, state.checkpoint_tree(), res)
+    logging.info("new best %s mAP %.4f at step %d", sel_label, res["mAP"], done)
+
   pending: list = []
   t0, clips_seen = time.time(), 0
-  try:
-    with metric_writers.ensure_flushes(writer):
-      if start_step < stop_at:
-        train_iter = pipeline.train_iterator(
-            train_split.train, config, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-        batches = sharding.prefetch_to_mesh(train_iter, mesh, config.data.prefetch)
-        logging.info("compiling the train step (first step is slow)...")
-        for step in range(start_step, stop_at):
-          batch = next(batches)
-          metrics = train_state_lib.train_step(state, step_fn, batch)
-          pending.append((step, metrics))
-          clips_seen += batch_size
-          for h in hooks:
-            h(state.step)
-          done = state.step
-          is_log = done % config.train.log_every_steps == 0 or done == stop_at
-          is_eval = sel_split is not None and (done % eval_every == 0 or done == total_steps)
-          is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total_steps
-          if is_log or is_eval or is_ckpt:
-            fetched = _fetch_and_check(pending)
-            last_train = fetched[-1][1]
-            if is_log:
-              loss_history.append((done, last_train["loss"]))
-              writer.write_scalars(done, results_lib.scalars("train", last_train))
-              now = time.time()
-              rate = clips_seen / max(now - t0, 1e-9)  # since the last log line
-              t0, clips_seen = now, 0
-              logging.info(
-                  "step %d/%d epoch %.2f %s clips/s %.2f", done, total_steps, done / spe,
-                  " ".join(f"{k} {v:.4g}" for k, v in sorted(last_train.items())), rate,
-              )
-          if is_ckpt:
-            with report.timed("checkpoint"):
-              ckpt.save(done, state.checkpoint_tree())
-          if is_eval:
-            res = evaluate_on(sel_split, sel_label)
-            history.append({"step": done, sel_label: res})
-            if ckpt.maybe_save_best(done, state.checkpoint_tree(), res):
-              logging.info("new best %s mAP %.4f at step %d", sel_label, res["mAP"], done)
-      ckpt.wait()
-      summary["step"] = state.step
-      summary["train"] = last_train
-      summary["history"] = history
-      summary["loss_history"] = loss_history
-      if state.step < total_steps:
-        summary["stopped_early"] = True
-        return state, summary
-      # Final test evaluation: the best checkpoint by the selection metric, else the last.
-      best = ckpt.best_metrics()
-      if best is not None and sel_split is not None:
-        final_tree = state.checkpoint_tree()
-        best_state = dataclasses.replace(state)
-        best_state.load_checkpoint_tree(ckpt.restore(final_tree, "best"))
-        summary["test_checkpoint"] = f"best by {sel_label} mAP (step {ckpt.best_step()})"
-        eval_state = best_state
-      else:
-        summary["test_checkpoint"] = f"final (step {state.step})"
-        eval_state = state
-      with report.timed("eval"):
-        res = evaluator.run(eval_state, test_split.query, test_split.gallery)
-      writer.write_scalars(state.step, results_lib.scalars("test", res))
-      summary["test"] = res
-      if sel_label == "test":
-        summary["note"] = "model selected on the test set (optimistic, official-code habit)"
-      table = ranking.format_table(res)
-      print(f"\nTest results ({summary['test_checkpoint']}):\n{table}", flush=True)
-      path = results_lib.write_results(workdir, summary)
-      logging.info("results written to %s", path)
-  finally:
+  with metric_writers.ensure_flushes(writer):
+    if redo_eval:  # an older checkpoint: whether the evaluation at its step was done is unknown
+      res = select(start_step)
+      if res is not None:
+        save_best(start_step, res)
+    if start_step < stop_at:
+      train_iter = pipeline.train_iterator(
+          setup.train_split.train, config, start_step=start_step,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+      )
+      batches = sharding.prefetch_to_mesh(train_iter, mesh, config.data.prefetch)
+      logging.info("compiling the train step (first step is slow)...")
+      for step in range(start_step, stop_at):
+        batch = next(batches)
+        metrics = train_state_lib.train_step(state, step_fn, batch)
+        ckpt.check_for_errors()  # a failed background save stops the run here
+        pending.append((step, metrics))
+        clips_seen += batch_size
+        for h in hooks:
+          h(state.step)
+        done = state.step
+        is_log = done % config.train.log_every_steps == 0 or done == stop_at
+        is_eval = is_eval_step(done)
+        # Every evaluation step is also a checkpoint step: its selection state is saved.
+        is_ckpt = done % config.train.checkpoint_every_steps == 0 or done == total_steps \
+            or is_eval
+        if is_log or is_eval or is_ckpt:
+          fetched = _fetch_and_check(pending)
+          selection.train = fetched[-1][1]
+          if is_log:
+            last_train = selection.train
+            selection.loss_history.append((done, last_train["loss"]))
+            writer.write_scalars(done, results_lib.scalars("train", last_train))
+            now = time.time()
+            rate = clips_seen / max(now - t0, 1e-9)  # since the last log line
+            t0, clips_seen = now, 0
+            logging.info(
+                "step %d/%d epoch %.2f %s clips/s %.2f", done, total_steps, done / spe,
+                " ".join(f"{k} {v:.4g}" for k, v in sorted(last_train.items())), rate,
+            )
+        new_best = select(done) if is_eval else None
+        if is_ckpt:
+          with report.timed("checkpoint"):
+            ckpt.save(done, state.checkpoint_tree(), selection)
+        if new_best is not None:
+          save_best(done, new_best)
     ckpt.wait()
-    ckpt.close()
-  return state, summary
+    summary["step"] = state.step
+    summary["train"] = selection.train
+    summary["history"] = selection.history
+    summary["loss_history"] = selection.loss_history
+    if not selection.known:
+      summary["history_incomplete"] = True  # resumed from a checkpoint of an older version
+    if state.step < total_steps:
+      summary["stopped_early"] = True
+      return summary
+    # Final test evaluation: the best checkpoint by the selection metric, else the last.
+    if selection.best_step is not None and sel_split is not None:
+      best_state = dataclasses.replace(state)
+      best_state.load_checkpoint_tree(
+          ckpt.restore(state.checkpoint_tree(), "best", step=selection.best_step))
+      summary["test_checkpoint"] = f"best by {sel_label} mAP (step {selection.best_step})"
+      eval_state = best_state
+    else:
+      summary["test_checkpoint"] = f"final (step {state.step})"
+      eval_state = state
+    with report.timed("eval"):
+      res = evaluator.run(eval_state, test_split.query, test_split.gallery)
+    writer.write_scalars(state.step, results_lib.scalars("test", res))
+    summary["test"] = res
+    if sel_label == "test":
+      summary["note"] = "model selected on the test set (optimistic, official-code habit)"
+    table = ranking.format_table(res)
+    print(f"\nTest results ({summary['test_checkpoint']}):\n{table}", flush=True)
+    path = results_lib.write_results(workdir, summary)
+    logging.info("results written to %s", path)
+  return summary
 
 
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:

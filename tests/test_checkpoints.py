@@ -1,12 +1,17 @@
-"""Orbax checkpoints: round trip, best-by-mAP, kill-and-resume equivalence, NaN stop."""
+"""Orbax checkpoints: round trip, best-by-mAP, selection state, tmp folders, failed saves,
+kill-and-resume equivalence, NaN stop."""
 
+import errno
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from orbax.checkpoint._src.path import atomicity
 from PIL import Image
 
 from data_pipelines import pipeline
@@ -89,6 +94,63 @@ def test_keep_last_n_and_refuse_non_finite(tmp_path):
     assert ck.latest_step() == 3
   with pytest.raises(FileNotFoundError, match="no best checkpoint in .*best"):
     checkpoints.Checkpointer(str(tmp_path)).restore(state.checkpoint_tree(), "best")
+
+
+def test_selection_state_is_saved_with_the_state_and_tmp_folders_are_ignored(tmp_path):
+  mesh = sharding.make_mesh()
+  state = _trained_state(mesh, steps=1)
+  sel = checkpoints.SelectionState(
+      history=[{"step": 1, "val": {"mAP": 0.5, "cmc": [0.5, 1.0]}}], best_step=1,
+      best_metrics={"mAP": 0.5}, loss_history=[(1, 2.5)], train={"loss": 2.5})
+  # An unfinished save of a killed run, in both folders.
+  for d in ("checkpoints", "best"):
+    os.makedirs(tmp_path / d / "7.orbax-checkpoint-tmp-1234" / "default")
+  with checkpoints.Checkpointer(str(tmp_path), read_only=True) as ck:
+    assert ck.latest_step() is None and ck.best_step() is None  # never listed as steps
+  with checkpoints.Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state.checkpoint_tree(), sel)
+    ck.save(2, state.checkpoint_tree())  # no selection state: as an older version wrote it
+    ck.save_best(1, state.checkpoint_tree(), {"mAP": 0.5, "cmc": np.ones(2)})
+    ck.wait()
+    assert ck.restore_selection(1) == sel
+    assert ck.restore_selection(2) is None
+    assert ck.best_metrics() == {"mAP": 0.5}
+    assert int(ck.restore(state.checkpoint_tree(), "latest", step=1)["step"]) == 1
+  # A writable Checkpointer deletes the tmp folders (before its first save).
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  assert os.listdir(tmp_path / "best") == ["1"]
+  with checkpoints.Checkpointer(str(tmp_path)) as ck:
+    legacy = ck.legacy_selection(2)
+  assert (legacy.known, legacy.best_step, legacy.history) == (False, 1, [])
+
+
+def test_check_for_errors_does_not_block_and_reports_a_failed_save(tmp_path, monkeypatch):
+  mesh = sharding.make_mesh()
+  state = _trained_state(mesh, steps=0)
+  release = threading.Event()
+  real = atomicity.on_commit_callback
+
+  async def slow_then_full(tmp_dir, *args, **kwargs):
+    release.wait(30)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_dir.get()))
+
+  monkeypatch.setattr(atomicity, "on_commit_callback", slow_then_full)
+  ck = checkpoints.Checkpointer(str(tmp_path))
+  ck.save(3, state.checkpoint_tree())
+  ck.check_for_errors()  # in flight: returns at once
+  release.set()
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    for _ in range(300):
+      ck.check_for_errors()
+      time.sleep(0.05)
+  assert str(info.value) == (
+      f"saving the latest checkpoint of step 3 to {tmp_path}/checkpoints/3 failed: "
+      f"[Errno 28] No space left on device: {info.value.__cause__.filename}")
+  assert ".orbax-checkpoint-tmp" in info.value.__cause__.filename
+  ck.check_for_errors()  # reported once
+  monkeypatch.setattr(atomicity, "on_commit_callback", real)
+  ck.close()
+  assert checkpoints.Checkpointer(str(tmp_path), read_only=True).latest_step() is None
 
 
 # ------------------------------------------------------------------ whole-loop tests
