@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipeline
 from stmn_jax import checkpoints as ckpt_lib
+from stmn_jax import errors
 from stmn_jax import evaluators
 from stmn_jax import ranking
 from stmn_jax import results as results_lib
@@ -39,13 +40,14 @@ from stmn_jax import train_state as train_state_lib
 
 
 def _fetch_and_check(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
-  """Device metrics -> floats; raises FloatingPointError at the first non-finite step."""
+  """Device metrics -> floats; raises NonFiniteLossError (a FloatingPointError) at the first
+  non-finite step."""
   out = []
   for step, metrics in jax.device_get(pending):
     metrics = {k: float(v) for k, v in metrics.items()}
     bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
     if bad:
-      raise FloatingPointError(
+      raise errors.NonFiniteLossError(
           f"non-finite {', '.join(bad)} at step {step}: "
           + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
       )
