@@ -15,6 +15,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from stmn_jax.models import resnet, torchvision_weights
+
 Builder = Callable[..., nnx.Module]
 
 # name -> "module:attribute" (imported on first use) or a builder registered at run time.
@@ -57,8 +59,6 @@ def get_builder(name: str) -> Builder:
 def load_pretrained(model: nnx.Module, path: str) -> int:
   """Copy a torchvision ResNet state dict into every `ResNetTrunk` (stem + layer1-3) and
   every `ResNetStage` (as layer4) of `model`, in place. Returns the number of parts loaded."""
-  from stmn_jax.models import resnet, torchvision_weights  # pylint: disable=g-import-not-at-top
-
   state_dict = torchvision_weights.load_state_dict(path)
   loaded = 0
   for _, module in nnx.iter_modules(model):
