@@ -23,6 +23,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from stmn_jax import errors
 from stmn_jax import sharding
 
 WHOLE_TRACKLET_METHODS = ("chunk_summary", "merge_chunk_summaries", "embed_summary")
@@ -60,7 +61,7 @@ def supports_whole_tracklet(model: nnx.Module) -> bool:
 def check_whole_tracklet(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
   """Raises a ValueError naming the model when it has no whole-tracklet embedding."""
   if not supports_whole_tracklet(model):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.eval.sampling='whole' needs a model with a whole-tracklet embedding (STA); "
         f"config.model.name={config.model.name!r} ({type(model).__name__}) has none: use "
         f"'all_frames' or 'rrs'")
@@ -102,7 +103,7 @@ def make_whole_tracklet_fns(
   check_whole_tracklet(config, model)
   chunk = int(model.eval_chunk)
   if chunk < 1:
-    raise ValueError(f"config.model.{config.model.name}.eval_chunk = {chunk}: expected >= 1")
+    raise errors.ConfigError(f"config.model.{config.model.name}.eval_chunk = {chunk}: expected >= 1")
   model_def, flip = state.model_def_eval, bool(config.eval.flip)
 
   def summarize(model_state, frames, mask):

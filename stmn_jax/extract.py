@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from data_pipelines import folders
+from stmn_jax import errors
 from stmn_jax import features_io
 from stmn_jax import inference
 from stmn_jax import run_setup
@@ -32,10 +33,10 @@ def extract_mode(
 ) -> dict:
   """Embeddings of `split` or of the tracklet folders of `input_dir` (module docstring)."""
   if split and input_dir:
-    raise ValueError("--split and --input_dir exclude each other")
+    raise errors.ConfigError("--split and --input_dir exclude each other")
   split = split or "query"
   if not input_dir and split not in PARTS:
-    raise ValueError(f"--split={split!r}: expected query, gallery or train")
+    raise errors.ConfigError(f"--split={split!r}: expected query, gallery or train")
   if input_dir:
     names, tracklets = folders.read_folder(input_dir)
     label = os.path.basename(os.path.normpath(input_dir))

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import folders
+from stmn_jax import errors
 from stmn_jax import features_io
 from stmn_jax import figures
 from stmn_jax import inference
@@ -37,7 +38,7 @@ def top_k(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   Ties keep gallery order (stable sort).
   """
   if k < 1:
-    raise ValueError(f"--topk={k}: expected >= 1")
+    raise errors.ConfigError(f"--topk={k}: expected >= 1")
   k = min(k, dist.shape[1])
   order = np.argsort(dist, axis=1, kind="stable")[:, :k]
   return order, np.take_along_axis(dist, order, axis=1)
@@ -55,10 +56,10 @@ def search_mode(
   `config.eval.distance`, prints the top-k of each query and writes `W/search/results.json`
   plus `W/search/<query>.png`."""
   if not query or not gallery:
-    raise ValueError("--mode=search needs --query=DIR (tracklet folders) and "
+    raise errors.ConfigError("--mode=search needs --query=DIR (tracklet folders) and "
                      "--gallery=FEATURES.npy (from --mode=extract)")
   if topk < 1:
-    raise ValueError(f"--topk={topk}: expected >= 1")
+    raise errors.ConfigError(f"--topk={topk}: expected >= 1")
   try:
     g_feats, g_rows = features_io.read_features(gallery)
   except (OSError, ValueError) as e:  # the file's own message, with the flag that named it
@@ -69,7 +70,7 @@ def search_mode(
   ckpt_label = run.checkpoint
   q_feats = inference.embed_tracklets(run.state, tracklets, config, run.mesh, progress=True)
   if q_feats.shape[1] != g_feats.shape[1]:
-    raise ValueError(f"--gallery={gallery}: {g_feats.shape[1]}-d embeddings but the model "
+    raise errors.ConfigError(f"--gallery={gallery}: {g_feats.shape[1]}-d embeddings but the model "
                      f"gives {q_feats.shape[1]}-d ones")
   metric = config.eval.distance
   dist = ranking.pairwise_distance(q_feats, g_feats, metric)

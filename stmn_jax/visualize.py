@@ -43,6 +43,7 @@ from tensorboard.util import tensor_util
 
 from data_pipelines import pipeline
 from data_pipelines.synthetic import generator
+from stmn_jax import errors
 from stmn_jax import figures
 from stmn_jax import inference
 from stmn_jax import ranking
@@ -499,15 +500,15 @@ def visualize_mode(
   module docstring); `compare_workdir` adds a second model (same architecture) to the memory
   figure and the curves. Returns {"figures": {name: png}, "json": path, ...}."""
   if jax.process_count() > 1:
-    raise ValueError("--mode=visualize runs in a single process (got "
+    raise errors.ConfigError("--mode=visualize runs in a single process (got "
                      f"{jax.process_count()} processes)")
   part = split or DEFAULT_PART
   if part not in PARTS:
-    raise ValueError(f"--split={split!r}: expected one of {', '.join(PARTS)} (the part of the "
+    raise errors.ConfigError(f"--split={split!r}: expected one of {', '.join(PARTS)} (the part of the "
                      "test split the tracklet figures draw from)")
   topk = int(topk or config.visualize.topk)
   if topk < 1:
-    raise ValueError(f"--topk={topk}: expected >= 1")
+    raise errors.ConfigError(f"--topk={topk}: expected >= 1")
   if compare_workdir:
     inference.check_workdir(compare_workdir, "--compare_workdir")
   run = inference.prepare(config, workdir)

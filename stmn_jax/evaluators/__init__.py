@@ -14,6 +14,8 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
+from stmn_jax import errors
+
 DEFAULT = "retrieval"
 EVALUATORS = {
     "retrieval": "stmn_jax.evaluators.retrieval",
@@ -24,6 +26,6 @@ def from_config(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> An
   """The evaluator `config.eval.evaluator` names (default "retrieval"), built for `state`."""
   name = config.eval.get("evaluator", DEFAULT)
   if name not in EVALUATORS:
-    raise ValueError(f"config.eval.evaluator = {name!r}: expected one of "
+    raise errors.ConfigError(f"config.eval.evaluator = {name!r}: expected one of "
                      f"{', '.join(sorted(EVALUATORS))}")
   return importlib.import_module(EVALUATORS[name]).Evaluator(state, config, mesh)
