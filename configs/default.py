@@ -84,6 +84,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # slots ("code").
   config.model.memory_similarity = "cosine"
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Running variance of the backbone BatchNorms (models/resnet.py): "biased" (Flax's; the
+  # default, the paper does not say) or "unbiased" (PyTorch's, i.e. the official code: the batch
+  # variance times n / (n - 1)). Normalisation uses the biased variance either way. The heads'
+  # BatchNorms (BNNeck, memory read-out, DRSA, STA) keep Flax's biased update.
+  config.model.bn_running_var = "biased"
   config.model.drsa = ml_collections.ConfigDict()
   config.model.sta = ml_collections.ConfigDict()
 

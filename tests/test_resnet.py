@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -340,6 +341,34 @@ def test_train_mode_batch_stats_match_torch():
   assert not np.allclose(np.asarray(trunk.bn1.mean[...]), old_mean)
   np.testing.assert_allclose(  # deep layers too
       np.asarray(trunk.layer3[-1].bn2.mean[...]), tm.layer3[-1].bn2.running_mean.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_unbiased_running_variance_from_config_matches_torch():
+  """`config.model.bn_running_var="unbiased"` reaches every BN of the backbone
+  (`backbone_from_config`), and the running variances after one training step are PyTorch's."""
+  tm = randomize(TorchResNet(18, 0.25, 2), seed=7)
+  config_model = ml_collections.ConfigDict(dict(
+      depth=18, width=0.25, stem_relu=True, last_stride=2, dtype="float32",
+      bn_running_var="unbiased"))
+  trunk, stage = nnx.eval_shape(lambda: resnet.backbone_from_config(config_model, rngs=nnx.Rngs(0)))
+  bns = [m for _, m in nnx.iter_modules((trunk, stage)) if isinstance(m, nnx.BatchNorm)]
+  assert len(bns) == 20 and all(bn.running_var == "unbiased" for bn in bns)
+  tvw.load_into_trunk(trunk, numpy_state_dict(tm))
+  tm.train()
+  trunk.train()
+  x = images(4, 32, 16, seed=8)
+  with torch.no_grad():
+    ref = from_nchw(tm.trunk(to_nchw(x)))
+  assert_close_rel(run(trunk, jnp.asarray(x)), ref, rel=1e-4)
+  pairs = [(trunk.bn1, tm.bn1), (trunk.layer1[0].bn2, tm.layer1[0].bn2),
+           (trunk.layer2[0].downsample_bn, tm.layer2[0].downsample[1]),
+           (trunk.layer3[-1].bn2, tm.layer3[-1].bn2)]
+  for ours, theirs in pairs:
+    np.testing.assert_allclose(np.asarray(ours.var[...]), theirs.running_var.numpy(),
+                               rtol=1e-4, atol=1e-6)
+  config_model.bn_running_var = "pytorch"
+  with pytest.raises(ValueError, match="bn_running_var"):
+    resnet.backbone_from_config(config_model, rngs=nnx.Rngs(0))
 
 
 def test_zero_init_residual_and_bad_input():

@@ -34,11 +34,12 @@ def _rel_err(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _bn_run(mode: str, x: jax.Array, dtype, cot: jax.Array, train: bool = True):
+def _bn_run(mode: str, x: jax.Array, dtype, cot: jax.Array, train: bool = True,
+            running_var: str = "biased"):
   """One BN layer (random scale/bias/running stats) under `mode`: output, running stats after
   the call, and gradients of sum(cot * relu(y)) w.r.t. x, scale, bias."""
   c = x.shape[-1]
-  bn = resnet.batch_norm(c, dtype, nnx.Rngs(0))
+  bn = resnet.batch_norm(c, dtype, nnx.Rngs(0), running_var=running_var)
   rng = np.random.default_rng(1)
   bn.scale[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
   bn.bias[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
@@ -109,6 +110,28 @@ def test_batch_norm_running_statistics_formula():
   want_var = 0.9 * np.asarray(before["var"]) + 0.1 * xs.var(0)
   np.testing.assert_allclose(fast["mean"], want_mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(fast["var"], want_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["fast", "stock"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_unbiased_running_variance(mode, dtype):
+  """`running_var="unbiased"` (PyTorch's / the official code's): after one training step the
+  running variance is 0.9 old + 0.1 * var_biased * n / (n - 1), n = rows per channel; the
+  output, the running mean and the gradients are those of the biased default."""
+  x, cot = _bn_inputs((2, 3, 3, 8), jnp.float32, offset=1.0)  # n = 18: factor 18 / 17
+  biased = _bn_run(mode, x, dtype, cot)
+  unbiased = _bn_run(mode, x, dtype, cot, running_var="unbiased")
+  xs = np.asarray(x.astype(dtype), np.float64).reshape(-1, 8)
+  n = xs.shape[0]
+  var0 = np.asarray(_bn_run(mode, x, dtype, cot, train=False)["var"])  # before the step
+  want = 0.9 * var0 + 0.1 * xs.var(0) * n / (n - 1)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(unbiased["var"], want, rtol=tol, atol=tol)
+  assert not np.allclose(unbiased["var"], biased["var"], rtol=1e-4, atol=0)
+  for key in ("y", "mean", "dx", "dscale", "dbias"):
+    np.testing.assert_array_equal(unbiased[key], biased[key], err_msg=key)
+  with pytest.raises(ValueError, match="running_var"):
+    resnet.batch_norm(8, jnp.float32, nnx.Rngs(0), running_var="pytorch")
 
 
 def test_batch_norm_bfloat16_compute_is_stock():

@@ -14,9 +14,9 @@ torchvision state-dict keys (conv1, bn1, layer1[0].conv1, ..., downsample_conv/b
 `downsample.0/1`) so `torchvision_weights` can map weights one to one.
 
 Speed on XLA:CPU (`kernels` / `set_kernels`, chosen at trace time, "auto" = by backend):
-BatchNorm's training statistics and gradient as matrix-vector products (`BatchNorm`,
-`batch_norm_train`) and the stem's max-pool as 9 strided slices (`max_pool_slices`), with
-hand-written gradients; other backends keep the stock Flax / XLA ops. Same variables and the
+BatchNorm's training statistics (two-pass variance, tree-reduced column sums) and closed-form
+gradient (`BatchNorm`, `batch_norm_train`) and the stem's max-pool as 9 strided slices
+(`max_pool_slices`), with hand-written gradients; other backends keep the stock Flax / XLA ops. Same variables and the
 same function either way (tests/test_speed_equivalence.py).
 
 Width multiplier: every channel count (stem and the `planes` of each stage) is scaled by
@@ -55,8 +55,8 @@ BN_EPSILON = 1e-5
 INIT_BLOCK = 1 << 16  # normals are drawn in blocks of this size (see `conv_kernel_init`)
 
 # ------------------------------------------------------------------------------ kernel choice
-# "auto": the CPU rewrites below (BatchNorm statistics as matrix-vector products, max-pool as
-# the max of 9 strided slices, both with hand-written gradients) when the default backend is
+# "auto": the CPU rewrites below (BatchNorm statistics in two passes with a closed-form
+# gradient, max-pool as the max of 9 strided slices, both with hand-written gradients) when the default backend is
 # the CPU at trace time, the stock Flax / XLA ops elsewhere. "fast" / "stock" force one.
 # Both compute the same function (tests/test_speed_equivalence.py); only the speed differs.
 KERNEL_MODES = ("auto", "fast", "stock")
@@ -203,10 +203,17 @@ class Conv(nnx.Module):
 
 
 def _column_sum(x: jax.Array) -> jax.Array:
-  """`(M, C) -> (C,)` sum over rows as a matrix-vector product (faster than a reduction on
-  XLA:CPU, which reduces over the leading axis of an NHWC tensor slowly)."""
-  ones = jnp.ones((x.shape[0],), x.dtype)
-  return jnp.dot(ones, x, precision=jax.lax.Precision.HIGHEST)
+  """`(M, C) -> (C,)` sum over rows, as a reduction (`jnp.sum(x, axis=0)`).
+
+  XLA:CPU splits a long reduction into a tree (partial sums of short windows, then their sum),
+  so each float32 accumulation runs over few terms. The earlier matrix-vector product with a
+  vector of ones accumulated each column almost sequentially over all M rows: on a
+  (24, 64, 128, 64) tensor its batch mean was 4e-6..8e-6 relative off float64 and the two-pass
+  variance up to 8e-4; the reduction gives 6e-8..7e-8 and 6e-8 (PyTorch's BN mean: 3.9e-8), and
+  the ResNet train step is no slower (0.97-0.98x the product's on 2 cores; a product over
+  blocks of M^(1/3) rows, 1.2e-7, was 1.02x). See tests/test_bn_precision.py.
+  """
+  return jnp.sum(x, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -217,10 +224,10 @@ def batch_norm_train(
 
   The same function as `nnx.BatchNorm` with batch statistics (biased variance), computed in
   two passes (mean, then the mean of squared deviations; Flax's one-pass E[x^2] - E[x]^2
-  loses digits in float32 when |mean| >> std): the column sums are matrix-vector products; the
-  gradient is the closed form `dx = scale / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))`
-  with its sums as matrix-vector products too (plus the terms of `mean` and `var` when their
-  cotangents are used).
+  loses digits in float32 when |mean| >> std), each column sum a tree reduction
+  (`_column_sum`); the gradient is the closed form
+  `dx = scale / sigma * (dy - mean(dy) - xhat * mean(dy * xhat))` with its sums as
+  `_column_sum` too (plus the terms of `mean` and `var` when their cotangents are used).
   """
   return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 
@@ -252,13 +259,27 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+RUNNING_VAR_MODES = ("biased", "unbiased")
+
+
 class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` (same variables, same results) whose training mode uses
   `batch_norm_train` when `use_fast_kernels()` (XLA:CPU); evaluation mode and the other
   backends, and 16-bit compute dtypes, run the stock code. Only the layout used here is taken
   over: statistics over every axis but the last, no mask, no cross-device axis name (SPMD jit
   shards the sums itself).
+
+  `running_var`: which batch variance the running variance moves towards in training mode:
+  "biased" (Flax's, the default) or "unbiased" (PyTorch's / the official STMN code's: the
+  biased one times n / (n - 1), n = rows per channel). Normalisation always uses the biased one.
   """
+
+  def __init__(self, *args, running_var: str = "biased", **kwargs):
+    if running_var not in RUNNING_VAR_MODES:
+      raise ValueError(
+          f"BatchNorm running_var must be one of {RUNNING_VAR_MODES}, got {running_var!r}")
+    super().__init__(*args, **kwargs)
+    self.running_var = running_var
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = (self.use_running_average if use_running_average is None
@@ -268,7 +289,17 @@ class BatchNorm(nnx.BatchNorm):
         or self.axis not in (-1, x.ndim - 1) or compute.itemsize < 4 or not use_fast_kernels()):
       # bf16 / f16 compute keeps the stock code: its gradient norm stayed closer to float32's
       # (tests/test_mixed_precision.py) than the rewrite's.
-      return super().__call__(x, use_running_average, mask=mask)
+      if use_running_average or self.running_var == "biased":
+        return super().__call__(x, use_running_average, mask=mask)
+      if mask is not None or self.axis_name is not None:
+        raise NotImplementedError("BatchNorm running_var='unbiased' with a mask or axis_name")
+      old_var = self.var[...]
+      y = super().__call__(x, use_running_average, mask=mask)
+      # stock: new = m old + (1 - m) v  ->  m old + (1 - m) v n / (n - 1)
+      n = x.size // x.shape[self.axis]
+      moved = self.var[...] - self.momentum * old_var
+      self.var[...] = self.var[...] + moved / max(n - 1, 1)
+      return y
     scale, bias = self.promote_dtype((self.scale[...], self.bias[...]), dtype=self.dtype)
     x = jnp.asarray(x, self.dtype) if self.dtype is not None else x
     out_dtype = x.dtype
@@ -278,21 +309,26 @@ class BatchNorm(nnx.BatchNorm):
         x.reshape(-1, c).astype(stats), scale.astype(stats), bias.astype(stats), self.epsilon)
     m = self.momentum
     new_mean = m * self.mean[...] + (1 - m) * mean
+    if self.running_var == "unbiased":
+      rows = x.size // c
+      var = var * (rows / max(rows - 1, 1))
     new_var = m * self.var[...] + (1 - m) * var
     self.mean[...] = jax.lax.stop_gradient(new_mean.astype(self.mean.dtype))
     self.var[...] = jax.lax.stop_gradient(new_var.astype(self.var.dtype))
     return y.reshape(x.shape).astype(out_dtype)
 
 
-def batch_norm(num_features: int, dtype: Dtype, rngs: nnx.Rngs, zero_init: bool = False) -> BatchNorm:
+def batch_norm(num_features: int, dtype: Dtype, rngs: nnx.Rngs, zero_init: bool = False,
+               running_var: str = "biased") -> BatchNorm:
   """BN as torchvision (momentum 0.1 PyTorch, eps 1e-5), float32 params and statistics.
 
-  One difference from PyTorch remains: `nnx.BatchNorm` updates the running variance with the
-  biased batch variance, PyTorch with the unbiased one (factor n / (n - 1), n = N*H*W per
-  channel; negligible at re-ID batch sizes). Outputs in both modes match.
+  `running_var="biased"` (default, Flax's) updates the running variance with the biased batch
+  variance; "unbiased" as PyTorch / the official STMN code (factor n / (n - 1), n = N*H*W per
+  channel; `config.model.bn_running_var`). Outputs in both modes match either way.
   """
   return BatchNorm(
       num_features,
+      running_var=running_var,
       momentum=BN_MOMENTUM,
       epsilon=BN_EPSILON,
       dtype=dtype,
@@ -320,18 +356,20 @@ class BasicBlock(nnx.Module):
       zero_init_residual: bool = False,
       dtype: Dtype = jnp.float32,
       *,
+      bn_running_var: str = "biased",
       rngs: nnx.Rngs,
   ):
     out = planes * self.expansion
     self.final_relu = final_relu
+    bn = functools.partial(batch_norm, running_var=bn_running_var)
     self.conv1 = Conv(in_features, planes, 3, stride, dtype, rngs=rngs)
-    self.bn1 = batch_norm(planes, dtype, rngs)
+    self.bn1 = bn(planes, dtype, rngs)
     self.conv2 = Conv(planes, out, 3, 1, dtype, rngs=rngs)
-    self.bn2 = batch_norm(out, dtype, rngs, zero_init=zero_init_residual)
+    self.bn2 = bn(out, dtype, rngs, zero_init=zero_init_residual)
     self.has_downsample = stride != 1 or in_features != out
     if self.has_downsample:
       self.downsample_conv = Conv(in_features, out, 1, stride, dtype, rngs=rngs)
-      self.downsample_bn = batch_norm(out, dtype, rngs)
+      self.downsample_bn = bn(out, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
@@ -359,20 +397,22 @@ class Bottleneck(nnx.Module):
       zero_init_residual: bool = False,
       dtype: Dtype = jnp.float32,
       *,
+      bn_running_var: str = "biased",
       rngs: nnx.Rngs,
   ):
     out = planes * self.expansion
     self.final_relu = final_relu
+    bn = functools.partial(batch_norm, running_var=bn_running_var)
     self.conv1 = Conv(in_features, planes, 1, 1, dtype, rngs=rngs)
-    self.bn1 = batch_norm(planes, dtype, rngs)
+    self.bn1 = bn(planes, dtype, rngs)
     self.conv2 = Conv(planes, planes, 3, stride, dtype, rngs=rngs)
-    self.bn2 = batch_norm(planes, dtype, rngs)
+    self.bn2 = bn(planes, dtype, rngs)
     self.conv3 = Conv(planes, out, 1, 1, dtype, rngs=rngs)
-    self.bn3 = batch_norm(out, dtype, rngs, zero_init=zero_init_residual)
+    self.bn3 = bn(out, dtype, rngs, zero_init=zero_init_residual)
     self.has_downsample = stride != 1 or in_features != out
     if self.has_downsample:
       self.downsample_conv = Conv(in_features, out, 1, stride, dtype, rngs=rngs)
-      self.downsample_bn = batch_norm(out, dtype, rngs)
+      self.downsample_bn = bn(out, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
@@ -395,12 +435,14 @@ def make_stage(
     zero_init_residual: bool = False,
     dtype: Dtype = jnp.float32,
     *,
+    bn_running_var: str = "biased",
     rngs: nnx.Rngs,
 ) -> nnx.List:
   """Blocks of stage `index` (0..3 = layer1..layer4) as an `nnx.List`.
 
   `stride=None` uses torchvision's stride for that stage (1, 2, 2, 2). `final_relu=False`
-  removes the ReLU after the residual add of the last block only.
+  removes the ReLU after the residual add of the last block only. `bn_running_var`: see
+  `batch_norm`.
   """
   if index not in range(4):
     raise ValueError(f"stage index must be 0..3 (layer1..layer4), got {index!r}")
@@ -422,6 +464,7 @@ def make_stage(
             final_relu=final_relu or not last,
             zero_init_residual=zero_init_residual,
             dtype=dtype,
+            bn_running_var=bn_running_var,
             rngs=rngs,
         )
     )
@@ -503,7 +546,7 @@ class ResNetTrunk(nnx.Module):
   `stem_relu=True` is the paper's / torchvision's stem (conv, BN, ReLU, max-pool);
   `stem_relu=False` reproduces the official STMN code, whose forward pass skips that ReLU.
   `zero_init_residual` zero-initialises the last BN scale of each block (torchvision option,
-  off by default).
+  off by default). `bn_running_var`: see `batch_norm`.
   """
 
   def __init__(
@@ -514,6 +557,7 @@ class ResNetTrunk(nnx.Module):
       dtype: Dtype = jnp.float32,
       zero_init_residual: bool = False,
       *,
+      bn_running_var: str = "biased",
       rngs: nnx.Rngs,
   ):
     self.depth = depth
@@ -523,8 +567,9 @@ class ResNetTrunk(nnx.Module):
     self.out_features = stage_channels(depth, width)[2]
     stem = stem_channels(width)
     self.conv1 = Conv(3, stem, 7, 2, dtype, rngs=rngs)
-    self.bn1 = batch_norm(stem, dtype, rngs)
-    kw = dict(zero_init_residual=zero_init_residual, dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(stem, dtype, rngs, running_var=bn_running_var)
+    kw = dict(zero_init_residual=zero_init_residual, dtype=dtype, bn_running_var=bn_running_var,
+              rngs=rngs)
     self.layer1 = make_stage(depth, width, 0, **kw)
     self.layer2 = make_stage(depth, width, 1, **kw)
     self.layer3 = make_stage(depth, width, 2, **kw)
@@ -546,7 +591,7 @@ class ResNetStage(nnx.Module):
 
   `stride=1` is the re-ID "last stride 1" variant (torchvision uses 2). `final_relu=False`
   drops the ReLU after the residual add of the last block only (STMN's key heads).
-  Blocks are in `self.blocks` (torchvision `layer4.<i>`).
+  Blocks are in `self.blocks` (torchvision `layer4.<i>`). `bn_running_var`: see `batch_norm`.
   """
 
   def __init__(
@@ -558,6 +603,7 @@ class ResNetStage(nnx.Module):
       dtype: Dtype = jnp.float32,
       zero_init_residual: bool = False,
       *,
+      bn_running_var: str = "biased",
       rngs: nnx.Rngs,
   ):
     self.depth = depth
@@ -568,8 +614,8 @@ class ResNetStage(nnx.Module):
     self.in_features = stage_channels(depth, width)[2]
     self.out_features = stage_channels(depth, width)[3]
     self.blocks = make_stage(
-        depth, width, 3, stride, final_relu, zero_init_residual, dtype, rngs=rngs
-    )
+        depth, width, 3, stride, final_relu, zero_init_residual, dtype,
+        bn_running_var=bn_running_var, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != self.in_features:
@@ -589,17 +635,29 @@ def compute_dtype(name: Any) -> Dtype:
         f"config.model.dtype: unknown dtype {name!r} (expected e.g. float32, bfloat16)") from e
 
 
+def bn_running_var(config_model: Any) -> str:
+  """`config.model.bn_running_var` ("biased" when the field is absent); ValueError if unknown."""
+  mode = config_model.get("bn_running_var", "biased")
+  if mode not in RUNNING_VAR_MODES:
+    raise ValueError(
+        f"config.model.bn_running_var must be one of {RUNNING_VAR_MODES}, got {mode!r}")
+  return mode
+
+
 def stage_from_config(
     config_model: Any, *, final_relu: bool = True, rngs: nnx.Rngs
 ) -> ResNetStage:
-  """layer4 from `config.model` (depth, width, last_stride, dtype): `ResNetStage`."""
+  """layer4 from `config.model` (depth, width, last_stride, dtype, bn_running_var):
+  `ResNetStage`."""
   m = config_model
   return ResNetStage(
-      m.depth, m.width, m.last_stride, final_relu, compute_dtype(m.dtype), rngs=rngs)
+      m.depth, m.width, m.last_stride, final_relu, compute_dtype(m.dtype),
+      bn_running_var=bn_running_var(m), rngs=rngs)
 
 
 def backbone_from_config(config_model: Any, *, rngs: nnx.Rngs) -> tuple[ResNetTrunk, ResNetStage]:
-  """The re-ID backbone from `config.model` (depth, width, stem_relu, last_stride, dtype):
+  """The re-ID backbone from `config.model` (depth, width, stem_relu, last_stride, dtype,
+  bn_running_var):
   (trunk (N, H, W, 3) -> (N, H/16, W/16, C3), layer4 with its final ReLU -> (N, h, w, C4)).
 
   Created in that order (the order decides which random numbers each gets). A model keeps them
@@ -607,5 +665,6 @@ def backbone_from_config(config_model: Any, *, rngs: nnx.Rngs) -> tuple[ResNetTr
   their names, and loads the torchvision stem + layer1-3 into the trunk, layer4 into the stage.
   """
   m = config_model
-  trunk = ResNetTrunk(m.depth, m.width, m.stem_relu, compute_dtype(m.dtype), rngs=rngs)
+  trunk = ResNetTrunk(m.depth, m.width, m.stem_relu, compute_dtype(m.dtype),
+                      bn_running_var=bn_running_var(m), rngs=rngs)
   return trunk, stage_from_config(m, rngs=rngs)
