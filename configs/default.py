@@ -132,6 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch of eval_batch_size x seq_len; other models raise an error).
   config.eval.sampling = "all_frames"
   config.eval.clips = "interleaved"  # all-frames clips: "interleaved" (STMN) or "consecutive"
+  # Interleaved clips of a tracklet shorter than L: "last" repeats its last frame (default; the
+  # paper does not say); "official" as the official main.py (n=3, L=6: 0 1 2 1 2 1).
+  config.eval.short_padding = "last"
   config.eval.flip = True  # average clip embeddings with their horizontal flip (STMN test)
   config.eval.distance = "cosine"  # or "euclidean"
   config.eval.ap = "noninterp"  # or "matlab" (trapezoid)

@@ -322,7 +322,8 @@ def eval_iterator(
   """Eval batches of every clip of `tracklets` (B = config.data.eval_batch_size / hosts).
 
   `sampling` ("rrs" | "all_frames") and `clips` ("interleaved" | "consecutive") default to
-  `config.eval.sampling` / `config.eval.clips`. Shapes are fixed (padding rows are zeros with
+  `config.eval.sampling` / `config.eval.clips`; short tracklets in interleaved clips are padded
+  as `config.eval.short_padding` ("last" when absent; `sampling.all_frames_clips`). Shapes are fixed (padding rows are zeros with
   `mask=False`, `tracklet_index=-1`), so a jitted eval step compiles once.
   """
   transforms.hide_gpus()
@@ -333,6 +334,7 @@ def eval_iterator(
   L, H, W = int(d.seq_len), int(d.height), int(d.width)
   plan = sampling_lib.eval_plan(
       [t.num_frames for t in tracklets], seq_len=L, sampling=mode, clips=clips,
+      pad=config.eval.get("short_padding", "last"),
       global_batch=int(d.eval_batch_size), process_count=process_count,
   )
   rows = plan.host_rows(process_index)

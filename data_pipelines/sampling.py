@@ -26,6 +26,7 @@ _FRAME_STREAM = 2
 
 CLIP_MODES = ("interleaved", "consecutive")
 EVAL_SAMPLINGS = ("rrs", "all_frames")
+SHORT_PADDINGS = ("last", "official")  # config.eval.short_padding (`all_frames_clips`)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -68,16 +69,17 @@ def all_frames_clips(
   covers the first `L * div` frames. `consecutive`: non-overlapping runs of L frames, the last
   one padded with the tracklet's last frame.
 
-  `pad` sets how the interleaved mode pads short tracklets: "last" repeats the last frame
-  (default); "official" appends the current second-to-last frame until L frames, as the official
-  STMN code's `imgs[-2:-1]` loop (n=3, L=6: 0 1 2 1 2 1), repeating the only frame when n == 1
-  (where the official loop never ends).
+  `pad` (`config.eval.short_padding`) sets how the interleaved mode pads short tracklets:
+  "last" repeats the last frame (default: the paper does not say, and it is the plain choice);
+  "official" appends the current second-to-last frame until L frames, as the official STMN
+  code's `imgs[-2:-1]` loop (n=3, L=6: 0 1 2 1 2 1), repeating the only frame when n == 1
+  (where the official loop never ends). The consecutive mode ignores it.
   """
   _check_positive("num_frames", num_frames)
   _check_positive("seq_len", seq_len)
   if mode == "interleaved":
-    if pad not in ("last", "official"):
-      raise ValueError(f"pad must be 'last' or 'official', got {pad!r}")
+    if pad not in SHORT_PADDINGS:
+      raise ValueError(f"pad must be one of {SHORT_PADDINGS}, got {pad!r}")
     frames = list(range(num_frames))
     while len(frames) < seq_len:
       # official: frames += frames[-2:-1] (the current second-to-last, so it alternates)
@@ -272,13 +274,14 @@ class EvalPlan:
 
 
 def tracklet_clips(
-    num_frames: int, seq_len: int, sampling: str, clips: str = "interleaved"
+    num_frames: int, seq_len: int, sampling: str, clips: str = "interleaved", pad: str = "last"
 ) -> np.ndarray:
-  """The eval clips of one tracklet: -> (num_clips, L); rrs gives one clip."""
+  """The eval clips of one tracklet: -> (num_clips, L); rrs gives one clip. `pad`: how
+  interleaved all-frames clips pad a tracklet shorter than L (`all_frames_clips`)."""
   if sampling == "rrs":
     return rrs_test_indices(num_frames, seq_len)[None]
   if sampling == "all_frames":
-    return all_frames_clips(num_frames, seq_len, clips)
+    return all_frames_clips(num_frames, seq_len, clips, pad)
   raise ValueError(f"unknown eval sampling {sampling!r}: expected one of {EVAL_SAMPLINGS}")
 
 
@@ -288,17 +291,23 @@ def eval_plan(
     seq_len: int,
     sampling: str,
     clips: str = "interleaved",
+    pad: str = "last",
     global_batch: int,
     process_count: int = 1,
 ) -> EvalPlan:
-  """Every clip of every tracklet, padded to whole global batches (none for no tracklets)."""
+  """Every clip of every tracklet, padded to whole global batches (none for no tracklets).
+
+  `pad`: how interleaved all-frames clips pad a tracklet shorter than L (`all_frames_clips`).
+  """
   _check_positive("global_batch", global_batch)
   _check_positive("process_count", process_count)
+  if pad not in SHORT_PADDINGS:
+    raise ValueError(f"short-tracklet padding must be one of {SHORT_PADDINGS}, got {pad!r}")
   if global_batch % process_count:
     raise ValueError(
         f"eval batch {global_batch} is not divisible by the process count {process_count}"
     )
-  per = [tracklet_clips(int(n), seq_len, sampling, clips) for n in num_frames]
+  per = [tracklet_clips(int(n), seq_len, sampling, clips, pad) for n in num_frames]
   if per:
     frames = np.concatenate(per).astype(np.int32)
     tracklet = np.repeat(np.arange(len(per), dtype=np.int32), [len(p) for p in per])

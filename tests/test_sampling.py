@@ -1,11 +1,15 @@
-"""Index logic: RRS, all-frames clips, P x K batches, eval plans (pure NumPy)."""
+"""Index logic: RRS, all-frames clips, P x K batches, eval plans (NumPy; the last test checks
+that `pipeline.eval_iterator` passes `config.eval.short_padding` on)."""
 
 import math
 
 import numpy as np
 import pytest
 
+from configs import synthetic
+from data_pipelines import pipeline
 from data_pipelines import sampling
+from data_pipelines.tracklets import Tracklet
 
 
 # ------------------------------------------------------------------ RRS
@@ -288,3 +292,43 @@ def test_eval_plan_errors():
     sampling.eval_plan([5], seq_len=2, sampling="dense", global_batch=4)
   empty = sampling.eval_plan([], seq_len=2, sampling="rrs", global_batch=4)
   assert empty.num_batches == 0
+
+
+@pytest.mark.parametrize("sampling_mode", ["all_frames", "rrs"])
+def test_eval_plan_short_padding(sampling_mode):
+  """`pad` (config.eval.short_padding) reaches the interleaved all-frames clips of a short
+  tracklet: "official" 0 1 2 1 2 1 for 3 frames and L = 6, "last" (default) 0 1 2 2 2 2;
+  tracklets of L frames or more and RRS clips do not depend on it."""
+  num_frames = [3, 8, 1]
+  plans = {pad: sampling.eval_plan(num_frames, seq_len=6, sampling=sampling_mode, pad=pad,
+                                   global_batch=4)
+           for pad in sampling.SHORT_PADDINGS}
+  default = sampling.eval_plan(num_frames, seq_len=6, sampling=sampling_mode, global_batch=4)
+  np.testing.assert_array_equal(default.frames, plans["last"].frames)
+  if sampling_mode == "all_frames":
+    assert plans["official"].frames[0].tolist() == [0, 1, 2, 1, 2, 1]
+    assert plans["last"].frames[0].tolist() == [0, 1, 2, 2, 2, 2]
+    np.testing.assert_array_equal(plans["official"].frames[1:], plans["last"].frames[1:])
+  else:
+    np.testing.assert_array_equal(plans["official"].frames, plans["last"].frames)
+  with pytest.raises(ValueError, match="padding"):
+    sampling.eval_plan(num_frames, seq_len=6, sampling=sampling_mode, pad="first", global_batch=4)
+
+
+def test_config_short_padding_reaches_eval_iterator(tmp_path):
+  """`config.eval.short_padding` is what `pipeline.eval_iterator` passes to `eval_plan` (the
+  plan is built before any frame is read)."""
+  tracks = [Tracklet(tuple(str(tmp_path / f"t{t}_f{j}.png") for j in range(n)), t, 0)
+            for t, n in enumerate([3, 7])]
+  config = synthetic.get_config("smoke")
+  config.data.seq_len = 6
+  config.data.eval_batch_size = 4
+  config.eval.sampling = "all_frames"
+  config.eval.clips = "interleaved"
+  assert config.eval.short_padding == "last"  # the default
+  first = {}
+  for pad in sampling.SHORT_PADDINGS:
+    config.eval.short_padding = pad
+    ev = pipeline.eval_iterator(tracks, config, process_index=0, process_count=1)
+    first[pad] = ev.plan.frames[0].tolist()
+  assert first == {"last": [0, 1, 2, 2, 2, 2], "official": [0, 1, 2, 1, 2, 1]}
