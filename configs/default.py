@@ -46,7 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.flip_prob = 0.5  # horizontal flip, once per tracklet
   config.data.erasing_prob = 0.5  # random erasing, per frame
   config.data.erasing_area = (0.02, 0.4)
-  config.data.erasing_aspect = (0.3, 3.3)
+  # Aspect ratio h / w of an erased box, U(r1, 1 / r1) with r1 = 0.3: the Random Erasing paper's
+  # (Zhong et al.) setting, as the official STMN code's and torchreid's RandomErasing (upper
+  # bound 1 / 0.3 = 3.333). torchvision's RandomErasing default (0.3, 3.3) is not any of these.
+  config.data.erasing_aspect = (0.3, 1 / 0.3)
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
   # Where frames come from: "files" (the reader's paths) or "tfds" (a prepared TFDS builder).

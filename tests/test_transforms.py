@@ -9,6 +9,7 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
+from configs import default  # pylint: disable=g-import-not-at-top
 from data_pipelines import transforms  # pylint: disable=g-import-not-at-top
 
 H, W = 32, 16
@@ -125,6 +126,25 @@ def test_erasing_area_fraction_distribution_is_within_bounds():
   assert (boxes[:, 2] > 0).all()
   assert frac.min() >= 0.02 * 0.97 and frac.max() <= 0.4 * 1.03
   assert frac.max() > 0.2  # large boxes happen too
+
+
+def test_erasing_aspect_default_is_random_erasings_one_over_r1():
+  """`config.data.erasing_aspect` defaults to (0.3, 1 / 0.3) (Random Erasing paper, official
+  STMN code, torchreid), and the boxes the pipeline draws from it (`augment_params`) reach that
+  bound: realised h / w (rounding < 0.2% on a 4096^2 image) goes past torchvision's 3.3 and
+  stays within [0.3, 3.333]."""
+  data = default.get_config().data
+  assert tuple(data.erasing_aspect) == pytest.approx((0.3, 3.3333333))
+  data.erasing_prob, data.erasing_area = 1.0, (0.1, 0.1)
+  size = 4096
+  ratios = np.concatenate([
+      (lambda b: b[:, 2] / b[:, 3])(
+          transforms.augment_params(transforms.clip_seed(3, s, 0), 500, size, size, data)[1]
+          .numpy().astype(np.float64))
+      for s in range(4)
+  ])
+  assert ratios.min() >= 0.3 * 0.998 and ratios.max() <= (1 / 0.3) * 1.002
+  assert ratios.max() > 3.31 and ratios.min() < 0.31
 
 
 def test_erase_zeroes_exactly_the_box():
