@@ -379,7 +379,9 @@ def bench_ranking(smoke: bool) -> dict[str, Any]:
 
 def bench_streaming(smoke: bool) -> dict[str, Any]:
   """rank_streaming of the MARS-size queries against a generated gallery of stream_g rows:
-  the MARS-size gallery first, then distractors (ids no query has), chunk by chunk."""
+  the MARS-size gallery first, then distractors (ids no query has), chunk by chunk. The
+  features are one random block rolled differently per chunk (cheap to make; rows repeat
+  across chunks, and equal distances rank by gallery index, as in `rank`)."""
   s = ranking_sizes(smoke)
   rng = np.random.default_rng(1)
   q = rng.standard_normal((s["num_q"], s["dim"]), np.float32)
