@@ -1,7 +1,7 @@
 """The CPU speed rewrites of `stmn_jax/models/resnet.py` against the stock ops they replace.
 
-`resnet.kernels("fast")` (BatchNorm training statistics and gradient as matrix-vector
-products, `batch_norm_train`; max-pool as 9 strided slices, `max_pool_slices`) must compute
+`resnet.kernels("fast")` (BatchNorm training statistics in two passes and a closed-form
+gradient, `batch_norm_train`; max-pool as 9 strided slices, `max_pool_slices`) must compute
 the same function as `resnet.kernels("stock")` (`nnx.BatchNorm`, `nnx.max_pool`). Checked:
 outputs, BN running statistics and gradients, in float32 and float64 (`jax.enable_x64`), train
 and eval mode, odd spatial sizes and ties for the max-pool, and a whole ResNet-18 trunk + layer4
