@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.model_step import _flops, gemm_gflops
+from benchmarks.model_step import _flops, _median_time, gemm_gflops
 from configs import mars
 from stmn_jax import embedding, losses, models, ranking, sharding
 from stmn_jax import train_state as train_lib
@@ -93,16 +93,6 @@ PEAK_FLOPS = (
 
 def _elapsed(t0: float) -> float:
   return time.perf_counter() - t0
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-  """Median wall seconds of `fn()` (waited for), over `repeats` calls."""
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def peak_flops(device: Any, smoke: bool) -> tuple[dict[str, float], str]:
