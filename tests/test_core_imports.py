@@ -11,39 +11,21 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "tensorboard")
+from tests.blocked_imports import BLOCKED, ROOT, run_blocked
+
 CORE = ("stmn_jax.models", "stmn_jax.models.stmn", "stmn_jax.models.drsa", "stmn_jax.models.sta",
         "stmn_jax.losses", "stmn_jax.train_state", "stmn_jax.embedding", "stmn_jax.pooling",
         "stmn_jax.sharding", "stmn_jax.checkpoints", "stmn_jax.ranking", "benchmarks.model_step")
 LIBRARY = ("stmn_jax", "data_pipelines", "configs")
 MAX_LINES = 650  # "about 600": the stop hook's limit; the longest today is the synthetic generator
 
-_BLOCKER = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in {BLOCKED!r}:
-      raise ModuleNotFoundError(f"blocked for this test: {{name}}")
-    return None
-sys.meta_path.insert(0, Block())
-"""
-
-
-def _run(code: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-c", _BLOCKER + code], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-
 
 def test_blocker_blocks():
   """The check below can fail: with the blocker, TensorFlow itself is unimportable."""
-  proc = _run("import tensorflow")
+  proc = run_blocked("import tensorflow")
   assert proc.returncode != 0 and "blocked for this test: tensorflow" in proc.stderr
 
 
@@ -70,7 +52,7 @@ loss = float(train_state.train_step(state, step_fn, batch)["loss"])
 assert np.isfinite(loss) and state.step == 1, loss
 print("OK", loss)
 """
-  proc = _run(code)
+  proc = run_blocked(code)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout
 

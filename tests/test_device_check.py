@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "tensorboard")
+from tests.blocked_imports import BLOCKED, run_blocked
+
 PARTS = ("reference", "bfloat16", "float32", "ranking", "streaming")
 
 _CODE = f"""
-import importlib.abc, runpy, sys
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in {BLOCKED!r}:
-      raise ModuleNotFoundError(f"blocked for this test: {{name}}")
-    return None
-sys.meta_path.insert(0, Block())
+import runpy
 sys.argv = ["device_check", "--smoke"]
 try:
   runpy.run_module("benchmarks.device_check", run_name="__main__")
@@ -44,9 +35,7 @@ def _numbers(x):
 
 
 def test_device_check_smoke_without_tensorflow_or_clu():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", _CODE], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = run_blocked(_CODE)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "BLOCKED_LOADED []" in proc.stderr
   lines = proc.stdout.strip().splitlines()
