@@ -15,6 +15,7 @@ is one XLA-compiled function (`finish_batch`), which writes the float32 batch in
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -43,10 +44,9 @@ def hide_gpus() -> None:
   global _GPU_HIDDEN
   if _GPU_HIDDEN:
     return
-  try:
+  # A RuntimeError means TF already initialised its devices: nothing to hide any more.
+  with contextlib.suppress(RuntimeError):
     tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-    pass
   _GPU_HIDDEN = True
 
 

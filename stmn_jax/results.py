@@ -34,8 +34,7 @@ def check_writable(workdir: str) -> None:
   path = results_path(workdir)
   existed = os.path.lexists(path)
   try:
-    with open(path, "a"):
-      pass
+    open(path, "a").close()  # opened for appending: nothing is written
     if not existed:
       os.remove(path)
   except OSError as e:
