@@ -38,6 +38,11 @@ def define_flags() -> None:
                       "(stmn_jax.app.MODES).")
   flags.DEFINE_string("export_dir", "", "--mode=export: SavedModel folder "
                       "(default: workdir/export/saved_model).")
+  flags.DEFINE_string("export_format", "", "--mode=export: savedmodel (default) | onnx "
+                      "(W/export/model.onnx).")
+  flags.DEFINE_string("eval_config", "", "--mode=eval: evaluate on another dataset's test split, "
+                      "e.g. configs/dukev.py (cross-dataset; the trained model comes from "
+                      "--workdir).")
   flags.DEFINE_string("split", "", "--mode=extract: query | gallery | train (default query); "
                       "--mode=visualize: the part the tracklet figures draw from "
                       "(default gallery).")
@@ -93,10 +98,12 @@ def verbose_requested(argv: list[str]) -> bool:
 
 def mode_options(mode: str) -> dict:
   """The mode-specific flags given on the command line, as keyword arguments of the mode."""
-  given = {"export_dir": FLAGS.export_dir, "split": FLAGS.split, "input_dir": FLAGS.input_dir,
+  given = {"export_dir": FLAGS.export_dir, "export_format": FLAGS.export_format,
+           "eval_config": FLAGS.eval_config, "split": FLAGS.split, "input_dir": FLAGS.input_dir,
            "query": FLAGS.query, "gallery": FLAGS.gallery, "topk": FLAGS.topk,
            "compare_workdir": FLAGS.compare_workdir}
-  allowed = {"export": ("export_dir",), "extract": ("split", "input_dir"),
+  allowed = {"export": ("export_dir", "export_format"), "eval": ("eval_config",),
+             "extract": ("split", "input_dir"),
              "search": ("query", "gallery", "topk"),
              "visualize": ("split", "topk", "compare_workdir")}.get(mode, ())
   for name, value in given.items():
