@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Keep pid 0 distractors in the gallery (MARS, DukeV).
   config.dataset.distractors = True
   # Model selection: hold out this many training identities as a validation split
-  # (the paper's protocol: 125 of MARS's 625). 0 disables validation.
+  # (the paper's protocol: 125 of MARS's 625). 0: every training id trains (the official run;
+  # then train.select_on is "test" or "none").
   config.dataset.num_val_ids = 0
   config.dataset.num_val_queries = 200
   # Synthetic benchmark knobs (data_pipelines/synthetic); filled by configs/synthetic.py.
@@ -122,10 +123,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every_steps = 20
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3
+  # Model selection (stmn_jax/selection.py; docs/FAITHFULNESS.md rows 1-2): the best of the
+  # evaluations below is the checkpoint the final test scores (under config.eval's protocol).
+  # Evaluate after e completed epochs for every e with (e + eval_epoch_offset) a multiple of
+  # eval_every_epochs (0 <= offset < eval_every_epochs). Paper default: offset 0 (epochs 10, 20,
+  # ...); official code: offset 1 (after 9, 19, ..., 199 of 200 epochs).
   config.train.eval_every_epochs = 10
-  # "val": pick the best checkpoint on the held-out validation identities (paper).
-  # "test": the official code's habit of picking on the test set (labelled as such).
+  config.train.eval_epoch_offset = 0
+  # Also evaluate after the last epoch when the schedule misses it: True (default); the
+  # official code: False (its final weights are never scored).
+  config.train.eval_at_end = True
+  # The split: "val" picks on the validation identities held out of the training ids
+  # (dataset.num_val_ids > 0; paper). "test" picks on the test set (the official code; labelled
+  # as such; with num_val_ids = 0 every training id trains, as the official run). "none": no
+  # selection, the final weights are tested (needs num_val_ids = 0). "val" with
+  # num_val_ids = 0 is a ConfigError.
   config.train.select_on = "val"
+  # The metric: "mAP" (default) or "R1" (official code).
+  config.train.select_metric = "mAP"
+  # Equal scores: "first" keeps the earlier checkpoint (a new best must be strictly higher,
+  # `>`; default) or "last" takes the later one (`>=`; official code).
+  config.train.select_ties = "first"
+  # Sampling of the selection evaluations: "eval" (as config.eval.sampling; default) or one of
+  # its values; official code: "rrs" (one random clip per tracklet).
+  config.train.select_sampling = "eval"
+  # Horizontal-flip averaging of the selection evaluations: "eval" (as config.eval.flip;
+  # default), "on" or "off" (official code).
+  config.train.select_flip = "eval"
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ml_collections.ConfigDict()
