@@ -9,6 +9,7 @@ def _dataset(config):
   config.dataset.root = "data/prid2011"
   config.dataset.split_id = 0
   config.dataset.num_val_ids = 0
+  config.train.select_on = "none"  # no validation ids: the final weights are tested
 
 
 def get_config(arg=None):

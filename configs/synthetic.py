@@ -83,6 +83,7 @@ def _ablation(config):
   config.optim.num_epochs = 15
   config.optim.decay_every_epochs = 12
   config.dataset.num_val_ids = 0
+  config.train.select_on = "none"
   config.train.log_every_steps = 15
   config.train.checkpoint_every_steps = 1000
   config.train.eval_every_epochs = 15

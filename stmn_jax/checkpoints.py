@@ -6,10 +6,15 @@ Two managers under the workdir:
   `args.StandardSave`) and `selection` (`args.JsonSave`, `SelectionState`: the validation
   history, the best step and score, the loss history). Both are committed together (one
   atomic rename of the step folder), so a resumed run knows exactly which evaluations up to
-  its step are done and which checkpoint is the best. Checkpoints of older versions have no
-  `selection` item: `restore_selection` returns None for them.
-- `WORKDIR/best`: one checkpoint, the best by the selection metric (validation mAP, or test mAP
-  when `config.train.select_on == "test"`), its metrics stored by orbax (`best_fn`).
+  its step are done and which checkpoint is the best, and which selection options made them
+  (`stmn_jax/selection.py`). Checkpoints of older versions have no `selection` item:
+  `restore_selection` returns None for them.
+- `WORKDIR/best`: one checkpoint, the best by the selection metric and tie rule
+  (`config.train.select_metric`, `select_ties`; on the split `select_on`), its metrics stored
+  by orbax. The caller decides which step is the best; `best/` keeps every save until the new
+  one is committed, then deletes the others (orbax's own `best_fn`, mAP, never decides which
+  one stays). Where a kill left two, the newest is the best (`best_step`): a step is only ever
+  saved there as a new best.
 
 Ordering (what makes a kill at any moment recoverable, `train.py`): a `best/` save of step s is
 only started once `checkpoints/s` (whose selection state names s as the best) is committed, and a
@@ -44,11 +49,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from stmn_jax import errors
+from stmn_jax import selection as selection_lib
 
-BEST_METRIC = "mAP"
+BEST_METRIC = "mAP"  # the default selection metric (and the only one of older versions)
 STATE_ITEM = "default"  # the item name orbax gives a single-item checkpoint (older versions)
 SELECTION_ITEM = "selection"
-SELECTION_VERSION = 1
+# 2 adds `options` (the selection options); version 1 states (no options) are still read.
+SELECTION_VERSION = 2
+READABLE_SELECTION_VERSIONS = (1, 2)
 
 
 class CheckpointError(errors.CheckpointError):
@@ -91,9 +99,11 @@ class SelectionState:
 
   `history`: `[{"step": s, <label>: results}]` of the evaluations done (JSON-ready);
   `best_step` / `best_metrics`: the best evaluation so far (scalar metrics) or None;
-  `loss_history`: `[(step, loss)]` of the logged steps; `train`: the last fetched train metrics.
-  `known` is False for a checkpoint of an older version without this item: then the history is
-  lost and the best is what `best/` holds (`Checkpointer.legacy_selection`).
+  `loss_history`: `[(step, loss)]` of the logged steps; `train`: the last fetched train metrics;
+  `options`: the selection options (`selection.options`) the evaluations were made with (None:
+  a state of an older version, which recorded none). `known` is False for a checkpoint of an
+  older version without this item: then the history is lost and the best is what `best/` holds
+  (`Checkpointer.legacy_selection`).
   """
 
   history: list[dict] = dataclasses.field(default_factory=list)
@@ -101,14 +111,17 @@ class SelectionState:
   best_metrics: dict[str, float] | None = None
   loss_history: list[tuple[int, float]] = dataclasses.field(default_factory=list)
   train: dict[str, float] = dataclasses.field(default_factory=dict)
+  options: dict[str, Any] | None = None
   known: bool = True
 
-  def is_better(self, metrics: dict) -> bool:
-    """True when `metrics[BEST_METRIC]` beats the best so far (strictly)."""
-    if BEST_METRIC not in metrics:
-      raise KeyError(f"model selection needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
-    return self.best_metrics is None or float(metrics[BEST_METRIC]) > float(
-        self.best_metrics[BEST_METRIC])
+  def is_better(self, metrics: dict, metric: str = BEST_METRIC, ties: str = "first") -> bool:
+    """True when `metrics[metric]` replaces the best so far: strictly higher (`ties` "first",
+    `>`) or at least as high ("last", `>=`; `selection.is_better`)."""
+    for m, name in ((metrics, "model selection"), (self.best_metrics, "the best so far")):
+      if m is not None and metric not in m:
+        raise KeyError(f"{name} needs metric {metric!r}, got {sorted(m)}")
+    best = None if self.best_metrics is None else float(self.best_metrics[metric])
+    return selection_lib.is_better(float(metrics[metric]), best, ties)
 
   def evaluated_steps(self) -> list[int]:
     return [int(h["step"]) for h in self.history]
@@ -121,20 +134,23 @@ class SelectionState:
         "best_metrics": self.best_metrics,
         "loss_history": [[int(s), float(v)] for s, v in self.loss_history],
         "train": self.train,
+        "options": self.options,
     }
 
   @classmethod
   def from_json(cls, d: dict) -> SelectionState:
-    if int(d.get("version", 0)) != SELECTION_VERSION:
-      raise CheckpointError(f"selection state version {d.get('version')!r}: expected "
-                            f"{SELECTION_VERSION}")
+    if int(d.get("version", 0)) not in READABLE_SELECTION_VERSIONS:
+      raise CheckpointError(f"selection state version {d.get('version')!r}: expected one of "
+                            f"{READABLE_SELECTION_VERSIONS}")
     best_step = d.get("best_step")
+    options = d.get("options")
     return cls(
         history=list(d.get("history") or []),
         best_step=None if best_step is None else int(best_step),
         best_metrics=d.get("best_metrics"),
         loss_history=[(int(s), float(v)) for s, v in d.get("loss_history") or []],
         train=dict(d.get("train") or {}),
+        options=None if options is None else dict(options),
     )
 
 
@@ -163,10 +179,13 @@ class Checkpointer:
             SELECTION_ITEM: ocp.JsonCheckpointHandler(),
         },
     )
+    # No max_to_keep: orbax would keep the best by `best_fn` (mAP), not the selected one; the
+    # older steps are deleted once a new best is committed (`_wait`). `best_fn` makes orbax
+    # store the metrics.
     self._best = ocp.CheckpointManager(
         self.best_dir,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1,
+            max_to_keep=None,
             best_fn=lambda m: float(m[BEST_METRIC]),
             best_mode="max",
             create=not read_only,
@@ -190,7 +209,9 @@ class Checkpointer:
     return self._latest.latest_step()
 
   def best_step(self) -> int | None:
-    return self._best.best_step()
+    """The best checkpoint: the newest step in `best/` (one, but for a kill mid-replacement)."""
+    steps = self.best_steps()
+    return max(steps) if steps else None
 
   def best_steps(self) -> list[int]:
     """Every committed step in `best/` (normally one)."""
@@ -199,7 +220,7 @@ class Checkpointer:
   def best_metrics(self, step: int | None = None) -> dict | None:
     """The stored metrics of the best checkpoint (or of `step`); None when there is none."""
     self._wait("best")  # metrics of an in-flight save are not readable yet
-    step = self._best.best_step() if step is None else step
+    step = self.best_step() if step is None else step
     if step is None:
       return None
     return dict(self._best.metrics(step) or {})
@@ -215,12 +236,17 @@ class Checkpointer:
     raise CheckpointError(f"saving the {what} to {path} failed: {_error_reason(exc)}") from exc
 
   def _wait(self, which: str) -> None:
-    """Waits for `which`'s background save; a CheckpointError if it failed."""
+    """Waits for `which`'s background save; a CheckpointError if it failed. Once a `best/`
+    save is committed, the other steps in `best/` are deleted (a failed one keeps them)."""
     step = self._unchecked.pop(which, (None, ""))[0]
     try:
       self._manager(which).wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       self._raise(which, step, e)
+    if which == "best" and step is not None:
+      for s in self.best_steps():
+        if s != step:
+          self._best.delete(s)
 
   def check_for_errors(self) -> None:
     """Raises a CheckpointError if a background save has failed (never blocks)."""
@@ -252,9 +278,11 @@ class Checkpointer:
     return saved
 
   def save_best(self, step: int, tree: Any, metrics: dict) -> None:
-    """Saves `tree` as the best checkpoint of step `step` (replacing any other in `best/`).
+    """Saves `tree` as the best checkpoint of step `step`, replacing every other in `best/`.
 
-    Waits first for the pending latest save: `best/` must never get ahead of `checkpoints/`.
+    The caller decided that `step` is the best (any metric, any tie rule); the other steps are
+    deleted once it is committed (`_wait`), so a failed save keeps the previous best. Waits
+    first for the pending latest save: `best/` must never get ahead of `checkpoints/`.
     """
     if BEST_METRIC not in metrics:
       raise KeyError(f"best checkpoint needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
@@ -297,7 +325,7 @@ class Checkpointer:
     later = [s for s in self.best_steps() if s > step]
     for s in later:
       self._best.delete(s)
-    best = self._best.best_step()
+    best = self.best_step()
     metrics = None if best is None else self.best_metrics(best)
     if metrics is not None and BEST_METRIC not in metrics:
       best, metrics = None, None
@@ -327,7 +355,7 @@ class Checkpointer:
     """
     mngr = self._manager(which)
     if step is None:
-      step = mngr.latest_step() if which == "latest" else mngr.best_step()
+      step = mngr.latest_step() if which == "latest" else self.best_step()
     if step is None:
       raise errors.CheckpointNotFoundError(f"no {which} checkpoint in {self._dir(which)}")
     if which == "best":

@@ -19,6 +19,7 @@ from data_pipelines import frame_check
 from data_pipelines import sampling
 from data_pipelines import tracklets as tracklets_lib
 from stmn_jax import errors
+from stmn_jax import selection
 from stmn_jax import sharding
 
 EVAL_SAMPLINGS = ("rrs", "all_frames", "whole")
@@ -32,14 +33,14 @@ def check_eval_sampling(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Training and evaluation fields checked before any work starts (ConfigError)."""
+  """Training and evaluation fields checked before any work starts (ConfigError); the model
+  selection's with the training ids they need (`selection.check`)."""
   check_eval_sampling(config)
   t = config.train
-  if t.select_on not in ("val", "test"):
-    raise errors.ConfigError(f"config.train.select_on = {t.select_on!r}: expected 'val' or 'test'")
   for name in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
     if t[name] < 1:
       raise errors.ConfigError(f"config.train.{name} = {t[name]}: expected >= 1")
+  selection.check(config)
   if config.optim.num_epochs < 1:
     raise errors.ConfigError(f"config.optim.num_epochs = {config.optim.num_epochs}: expected >= 1")
   if config.eval.checkpoint not in ("best", "latest"):
@@ -69,10 +70,12 @@ def with_files_source(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def load_data(config: ml_collections.ConfigDict, split=None):
-  """(train_split, selection_split or None, test split, selection label).
+  """(train_split, selection_split or None, test split, selection label or None).
 
   `split` defaults to `data_pipelines.split_from_config(config)` (native files or TFDS).
-  Validation ids are held out of the training ids when `config.dataset.num_val_ids > 0`.
+  Validation ids are held out of the training ids when `config.dataset.num_val_ids > 0`;
+  with 0, every training id trains. The selection split follows `config.train.select_on`:
+  the held-out ids ("val"), the test split ("test") or none ("none": label None).
   """
   if split is None:
     split = data_pipelines.split_from_config(config)
@@ -83,6 +86,8 @@ def load_data(config: ml_collections.ConfigDict, split=None):
     )
   if config.train.select_on == "test":
     return train_split, split, split, "test"
+  if config.train.select_on == "none":
+    return train_split, None, split, None
   return train_split, val_split, split, "val"
 
 

@@ -1,8 +1,11 @@
 """The training loop: data in, the jitted step, logging, checkpoints, model selection, test.
 
 `train_and_evaluate(config, workdir)` trains (resuming from the newest checkpoint), selects the
-best checkpoint by the selection split's mAP (`evaluators`), tests it, and writes
-`results.json`. The step itself is `train_state.make_train_step` (TF- and clu-free).
+best checkpoint as `config.train`'s selection options say (`stmn_jax/selection.py`: split,
+metric, tie rule, the epochs evaluated, and the sampling / flip of the selection evaluator,
+built by `evaluators`), tests it under `config.eval`'s protocol, and writes `results.json`
+(which names the selection used). The step itself is `train_state.make_train_step` (TF- and
+clu-free).
 
 Resume is exact: a checkpoint holds model, optimizer, step and key, and the selection state
 (evaluations done, the best step and score, the validation and loss histories,
@@ -10,8 +13,10 @@ Resume is exact: a checkpoint holds model, optimizer, step and key, and the sele
 `pipeline.train_iterator(start_step=step)`, which yields exactly the batches an uninterrupted
 run sees from that step on. A run killed at any moment and started again ends with the same
 selected checkpoint, test results and histories as an uninterrupted one (`checkpoints.py` has
-the save order this relies on). A failed background save stops the run after the current step
-with a `checkpoints.CheckpointError`.
+the save order this relies on). A resumed run refuses selection options other than those its
+checkpoint was selected with (`selection.check_resumable`): that would mix two selections. A
+failed background save stops the run after the current step with a
+`checkpoints.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from stmn_jax import evaluators
 from stmn_jax import ranking
 from stmn_jax import results as results_lib
 from stmn_jax import run_setup
+from stmn_jax import selection as selection_lib
 from stmn_jax import sharding
 from stmn_jax import train_state as train_state_lib
 
@@ -80,17 +86,21 @@ def train_and_evaluate(
   train_split, sel_split, test_split = setup.train_split, setup.selection_split, setup.test_split
   sel_label, num_classes, spe = setup.selection, setup.num_classes, setup.steps_per_epoch
   total_steps = config.optim.num_epochs * spe
-  eval_every = config.train.eval_every_epochs * spe
+  eval_steps = set(selection_lib.eval_steps(config, spe)) if sel_split is not None else set()
   batch_size = config.data.num_ids_per_batch * config.data.num_tracklets_per_id
+  t = config.train
   logging.info(
       "train: %d ids, %d tracklets; %d steps/epoch x %d epochs = %d steps; batch %d on %d "
-      "devices; selection on %s", num_classes, len(train_split.train), spe,
+      "devices; selection: %s", num_classes, len(train_split.train), spe,
       config.optim.num_epochs, total_steps, batch_size, mesh.size,
-      sel_label if sel_split is not None else "nothing (no validation ids)",
+      f"{sel_label} {t.select_metric} (ties: {t.select_ties}; sampling "
+      f"{selection_lib.sampling(config)}, flip {selection_lib.flip(config)}) after epochs "
+      f"{selection_lib.eval_epochs(config)}" if sel_split is not None
+      else "none (the final weights are tested)",
   )
 
   def is_eval_step(done: int) -> bool:
-    return sel_split is not None and (done % eval_every == 0 or done == total_steps)
+    return done in eval_steps
 
   state, lr_fn = train_state_lib.create_train_state(config, num_classes, spe, mesh, model_fn)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -105,18 +115,23 @@ def train_and_evaluate(
 
 
 def _resume(
-    state: train_state_lib.TrainState, ckpt: ckpt_lib.Checkpointer, is_eval_step: Callable
+    state: train_state_lib.TrainState, ckpt: ckpt_lib.Checkpointer, is_eval_step: Callable,
+    options: dict,
 ) -> tuple[ckpt_lib.SelectionState, bool]:
   """Restores the newest checkpoint into `state` (if any) with its selection state.
 
-  Returns (selection state, whether the evaluation at the resumed step must be redone: only
-  for a checkpoint of an older version, whose selection state is unknown).
+  `options` (`selection.options` of the config) must match those the checkpoint's selection
+  was made with (a CheckpointError before anything is restored otherwise); the state returned
+  records them. Returns (selection state, whether the evaluation at the resumed step must be
+  redone: only for a checkpoint of an older version, whose selection state is unknown).
   """
   latest = ckpt.latest_step()
   if latest is None:
-    return ckpt_lib.SelectionState(), False
-  state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest"))
+    return ckpt_lib.SelectionState(options=options), False
   selection = ckpt.restore_selection(latest)
+  selection_lib.check_resumable(None if selection is None else selection.options, options,
+                                os.path.join(ckpt.latest_dir, str(latest)))
+  state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest"))
   if selection is None:
     selection = ckpt.legacy_selection(latest)
     logging.warning(
@@ -127,6 +142,7 @@ def _resume(
   else:
     ckpt.ensure_best(selection, latest, state.checkpoint_tree())
     redo = False
+  selection.options = options
   logging.info("resumed from %s at step %d (evaluated at steps %s; best: %s)",
                ckpt.latest_dir, state.step, selection.evaluated_steps() or "none",
                "none" if selection.best_step is None else f"step {selection.best_step}")
@@ -152,12 +168,19 @@ def _train_loop(
   """
   mesh, sel_split, test_split = setup.mesh, setup.selection_split, setup.test_split
   sel_label, spe = setup.selection, setup.steps_per_epoch
+  metric, ties = config.train.select_metric, config.train.select_ties
   total_steps = config.optim.num_epochs * spe
   batch_size = config.data.num_ids_per_batch * config.data.num_tracklets_per_id
-  selection, redo_eval = _resume(state, ckpt, is_eval_step)
+  options = selection_lib.options(config)
+  selection, redo_eval = _resume(state, ckpt, is_eval_step, options)
   start_step = state.step
   step_fn = train_state_lib.make_train_step(state, config, mesh, lr_fn, loss_fn)
-  evaluator = evaluators.from_config(state, config, mesh)  # fails here for a bad eval set-up
+  # Both fail here (before any training) for a bad eval set-up. The selection evaluator embeds
+  # with the selection's sampling / flip; the final test keeps config.eval's.
+  evaluator = evaluators.from_config(state, config, mesh)
+  sel_evaluator = evaluator
+  if sel_split is not None and not selection_lib.same_protocol(config):
+    sel_evaluator = evaluators.from_config(state, selection_lib.eval_config(config), mesh)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0
@@ -171,29 +194,27 @@ def _train_loop(
   hooks = [report] if jax.process_index() == 0 else []
   summary: dict[str, Any] = {
       "selection": sel_label if sel_split is not None else None,
+      # What picked the tested checkpoint (split "none": the final weights are tested).
+      "model_selection": dict(options, eval_steps=selection_lib.eval_steps(config, spe)),
       "num_classes": setup.num_classes, "steps_per_epoch": spe, "total_steps": total_steps,
   }
   stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
 
-  def evaluate_on(split, label):
-    with report.timed("eval"):
-      res = evaluator.run(state, split.query, split.gallery)
-    writer.write_scalars(state.step, results_lib.scalars(label, res))
-    logging.info("eval on %s at step %d:\n%s", label, state.step, ranking.format_table(res))
-    return res
-
   def select(done: int) -> dict | None:
     """Evaluates on the selection split and records it; the results if they are a new best."""
-    res = evaluate_on(sel_split, sel_label)
+    with report.timed("eval"):
+      res = sel_evaluator.run(state, sel_split.query, sel_split.gallery)
+    writer.write_scalars(state.step, results_lib.scalars(sel_label, res))
+    logging.info("eval on %s at step %d:\n%s", sel_label, state.step, ranking.format_table(res))
     selection.history.append({"step": done, sel_label: ranking.json_ready(res)})
-    if not selection.is_better(res):
+    if not selection.is_better(res, metric, ties):
       return None
     selection.best_step, selection.best_metrics = done, ckpt_lib.scalar_metrics(res)
     return res
 
   def save_best(done: int, res: dict) -> None:
     ckpt.save_best(done, state.checkpoint_tree(), res)
-    logging.info("new best %s mAP %.4f at step %d", sel_label, res["mAP"], done)
+    logging.info("new best %s %s %.4f at step %d", sel_label, metric, res[metric], done)
 
   pending: list = []
   t0, clips_seen = time.time(), 0
@@ -258,7 +279,7 @@ def _train_loop(
       best_state = dataclasses.replace(state)
       best_state.load_checkpoint_tree(
           ckpt.restore(state.checkpoint_tree(), "best", step=selection.best_step))
-      summary["test_checkpoint"] = f"best by {sel_label} mAP (step {selection.best_step})"
+      summary["test_checkpoint"] = f"best by {sel_label} {metric} (step {selection.best_step})"
       eval_state = best_state
     else:
       summary["test_checkpoint"] = f"final (step {state.step})"

@@ -62,6 +62,7 @@ def run_config():
   config.train.checkpoint_every_steps = 2  # the run also saves (orbax, all processes) once
   config.train.log_every_steps = 1
   config.dataset.num_val_ids = 0
+  config.train.select_on = "none"
   config.data.erasing_prob = 0.5  # augmentation seeds must follow the global row, not the host
   config.data.num_parallel_calls = 1
   return config

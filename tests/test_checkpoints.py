@@ -182,6 +182,7 @@ def _loop_config():
   config.train.checkpoint_every_steps = 2
   config.train.log_every_steps = 1
   config.dataset.num_val_ids = 0
+  config.train.select_on = "none"
   config.data.erasing_prob = 0.5  # the random augmentation must also be reproduced on resume
   return config
 

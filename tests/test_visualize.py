@@ -31,6 +31,7 @@ def _config(root):
   config = synthetic.get_config("stmn,smoke")
   config.dataset.root = str(root)
   config.dataset.num_val_ids = 0
+  config.train.select_on = "none"
   config.optim.num_epochs = 1
   config.optim.steps_per_epoch = 2
   config.train.log_every_steps = 1
