@@ -88,11 +88,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # slots ("code").
   config.model.memory_similarity = "cosine"
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
-  # Running variance of the backbone BatchNorms (models/resnet.py): "biased" (Flax's; the
-  # default, the paper does not say) or "unbiased" (PyTorch's, i.e. the official code: the batch
-  # variance times n / (n - 1)). Normalisation uses the biased variance either way. The heads'
-  # BatchNorms (BNNeck, memory read-out, DRSA, STA) keep Flax's biased update.
+  # Running variance of every BatchNorm (backbone, BNNeck, memory read-out, DRSA's, STA's;
+  # models/batch_norm.py): "biased" (Flax's; the default, the paper does not say) or "unbiased"
+  # (PyTorch's, i.e. the official code: the batch variance times n / (n - 1), n rows per channel
+  # and per ghost-BN group). Normalisation uses the biased variance either way.
   config.model.bn_running_var = "biased"
+  # Ghost BatchNorm: BN groups in the GLOBAL batch, whatever the number of devices. 1 (paper):
+  # statistics over the whole batch. Official: 3 (nn.DataParallel on 3 GPUs: the B tracklets cut
+  # as torch.chunk, 32 -> 11/11/10, every BN of every model with its group's statistics). The
+  # memory spread losses follow the same groups (per group, then averaged, as the official code).
+  config.model.bn_groups = 1
+  # Running statistics with bn_groups > 1: "mean_of_groups" (default: the mean over the groups of
+  # their batch statistics) or "first_group" (official: DataParallel's replica 0 owns the
+  # buffers, so only the first chunk updates them). No effect with bn_groups = 1.
+  config.model.bn_running_stats = "mean_of_groups"
+  # Bias vectors of the temporal memory's LSTM: 1 (paper: one bias per gate) or 2 (official:
+  # nn.LSTM's bias_ih and bias_hh, each U(-k, k) and each trained with its own Adam moments;
+  # same forward function of their sum).
+  config.model.lstm_biases = 1
   config.model.drsa = ml_collections.ConfigDict()
   config.model.sta = ml_collections.ConfigDict()
 

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from stmn_jax.models.batch_norm import chunk_sizes
+
 _DIST_EPS = 1e-12  # inside the sqrt of the triplet distances (official code)
 
 
@@ -79,15 +81,27 @@ def batch_hard_triplet(
   return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(count, 1)
 
 
-def memory_spread_loss(probs: jax.Array, margin: float) -> jax.Array:
+def memory_spread_loss(probs: jax.Array, margin: float, groups: int = 1) -> jax.Array:
   """Memory spread loss. probs (..., M) matching probabilities, all leading axes = queries.
 
   mean over slots m of relu(margin - (max_q probs[q, m] - min_q probs[q, m])): 0 when every
   slot is strongly addressed by some query and weakly by another; `margin` for uniform probs.
   The paper sums over the M slots; the official code takes the mean (used here), i.e. the
   paper's value is M times this one.
+
+  `groups` > 1 (ghost BN's groups, `config.model.bn_groups`): the first axis (tracklets) is cut
+  into `chunk_sizes(B, groups)` groups (torch.chunk, as `nn.DataParallel`), the loss is taken
+  over the queries of each group, and the result is the unweighted mean of the group losses:
+  the official code computes `mem_trip` per replica and adds `out[...]['mem_trip'].mean()` of
+  the gathered per-replica values. The groups are static slices of the first axis.
   """
   p = _f32(probs)
+  if groups > 1 and p.ndim >= 2:
+    sizes = chunk_sizes(p.shape[0], groups)
+    if len(sizes) > 1:
+      starts = [sum(sizes[:k]) for k in range(len(sizes))]
+      return jnp.mean(jnp.stack([
+          memory_spread_loss(p[a:a + n], margin) for a, n in zip(starts, sizes)]))
   p = p.reshape(-1, p.shape[-1])
   spread = jnp.max(p, axis=0) - jnp.min(p, axis=0)
   return jnp.mean(jax.nn.relu(margin - spread))
@@ -163,7 +177,8 @@ def total_loss(
   Terms (each only when its output is present and its weight is > 0):
   ce_frame (mean_L frame_logits), ce_seq (seq_logits), triplet_frame (mean_L frame_feats),
   triplet_seq (seq_feats), spread_spatial (spatial_probs, all B*L*h*w rows), spread_temporal
-  (temporal_probs, B rows), diversity (part_attention (B, L, K, P), DRSA), interframe
+  (temporal_probs, B rows) (both per ghost-BN group of tracklets and averaged when
+  `config.model.bn_groups` > 1), diversity (part_attention (B, L, K, P), DRSA), interframe
   (spatial_scores (B, L, h, w), STA; needs `rng`). Labels: batch["pid"] (B,).
   """
   lc = config.loss
@@ -174,6 +189,9 @@ def total_loss(
   margin = _get(lc, "triplet_margin", 0.0)
   spread_w = _get(lc, "spread_weight", 0.0)
   spread_margin = _get(lc, "spread_margin", 0.3)
+  model_config = config.get("model", None) if hasattr(config, "get") else getattr(
+      config, "model", None)
+  spread_groups = int(_get(model_config, "bn_groups", 1)) if model_config is not None else 1
   div_w = _get(lc, "diversity_weight", 0.0)
   inter_w = _get(lc, "interframe_weight", 0.0)
 
@@ -196,10 +214,10 @@ def total_loss(
     add("triplet_seq", tri_w, lambda: batch_hard_triplet(outputs["seq_feats"], labels, margin))
   if "spatial_probs" in outputs:
     add("spread_spatial", spread_w,
-        lambda: memory_spread_loss(outputs["spatial_probs"], spread_margin))
+        lambda: memory_spread_loss(outputs["spatial_probs"], spread_margin, spread_groups))
   if "temporal_probs" in outputs:
     add("spread_temporal", spread_w,
-        lambda: memory_spread_loss(outputs["temporal_probs"], spread_margin))
+        lambda: memory_spread_loss(outputs["temporal_probs"], spread_margin, spread_groups))
   if "part_attention" in outputs:
     reduction = _get(lc, "diversity_reduction", "paper")
     add("diversity", div_w, lambda: diversity_regularizer(outputs["part_attention"], reduction))

@@ -1,9 +1,12 @@
 """Parameter counts per model part: `python -m stmn_jax.models --config=configs/mars.py[:preset]`.
 
 The model is built with `nnx.eval_shape` (shapes only, no weights loaded), so this is instant
-even for ResNet-50. "torch-equivalent" adds the frozen BNNeck biases (PyTorch counts them as
-parameters with requires_grad=False) and, per LSTM, the second bias vector PyTorch keeps
-(b_ih and b_hh; Flax has one).
+even for ResNet-50. "torch-equivalent" is what `sum(p.numel() for p in model.parameters())`
+gives for the PyTorch model: the trainable parameters, plus the frozen BNNeck biases (PyTorch
+counts them as parameters with requires_grad=False) and, per one-bias LSTM
+(`config.model.lstm_biases = 1`), the second bias vector PyTorch keeps (b_ih and b_hh; with
+`lstm_biases = 2` the model has both). BatchNorm buffers (running mean and variance; PyTorch
+also keeps a `num_batches_tracked` scalar per BN) are not parameters and are not in it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def summarize(config, num_classes: int) -> dict:
   trainable = sum(p.get("Param", 0) for p in parts.values())
   frozen = sum(p.get("FrozenBias", 0) for p in parts.values())
   lstm_extra = sum(
-      4 * m.dim for _, m in nnx.iter_modules(model) if isinstance(m, memory.TemporalMemory))
+      4 * m.dim for _, m in nnx.iter_modules(model)
+      if isinstance(m, memory.TemporalMemory) and m.lstm_biases == 1)
   return dict(
       model=config.model.name, preset=config.model.get("preset", ""), num_classes=num_classes,
       parts=parts, trainable=trainable,

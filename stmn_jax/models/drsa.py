@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stmn_jax.models import resnet
+from stmn_jax.models import batch_norm, resnet
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 _BN_EPS = 1e-5
@@ -100,6 +100,8 @@ class SpatialAttention(nnx.Module):
       shared_hidden: bool = False,
       use_bn: bool = False,
       dtype: Any = jnp.float32,
+      bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     width = hidden if shared_hidden else hidden * num_parts
@@ -116,19 +118,20 @@ class SpatialAttention(nnx.Module):
     self.conv2 = nnx.Conv(
         width, num_parts, (1, 1), feature_group_count=groups, use_bias=not use_bn,
         kernel_init=init2, dtype=dtype, rngs=rngs)
-    bn = lambda n: nnx.BatchNorm(
-        n, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=dtype, rngs=rngs)
+    bn = lambda n: batch_norm.head_batch_norm(
+        n, running_var=bn_running_var, running_stats=bn_running_stats, momentum=_BN_MOMENTUM,
+        epsilon=_BN_EPS, dtype=dtype, rngs=rngs)
     self.bn1 = bn(width) if use_bn else None
     self.bn2 = bn(num_parts) if use_bn else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(N, h, w, C) -> (N, h, w, K) unnormalised scores."""
+  def __call__(self, x: jax.Array, groups: batch_norm.Groups | None = None) -> jax.Array:
+    """(N, h, w, C) -> (N, h, w, K) unnormalised scores; `groups`: ghost-BN tracklet groups."""
     y = self.conv1(x)
     if self.bn1 is not None:
-      y = self.bn1(y)
+      y = self.bn1(y, groups=groups)
     y = self.conv2(jax.nn.relu(y))
     if self.bn2 is not None:
-      y = self.bn2(y)
+      y = self.bn2(y, groups=groups)
     return y
 
 
@@ -192,11 +195,13 @@ class DRSA(nnx.Module):
     self.part_dim = d.part_dim
     self.normalize_parts = bool(d.normalize_parts)
     self.dtype = dtype
+    self.bn_groups = batch_norm.bn_groups(m)
     channels = resnet.stage_channels(m.depth, m.width)[3]
     self.trunk, self.stage = resnet.backbone_from_config(m, rngs=rngs)
     self.spatial = SpatialAttention(
         channels, d.num_parts, d.hidden, shared_hidden=d.shared_hidden, use_bn=d.attention_bn,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, bn_running_var=batch_norm.bn_running_var(m),
+        bn_running_stats=batch_norm.bn_running_stats(m), rngs=rngs)
     self.reduce = PartReduction(d.num_parts, channels, d.part_dim, rngs=rngs)
     self.temporal = TemporalAttention(d.num_parts, d.part_dim, rngs=rngs)
     embed_dim = d.num_parts * d.part_dim
@@ -206,10 +211,13 @@ class DRSA(nnx.Module):
       self.classifier = nnx.Linear(
           embed_dim, num_classes, use_bias=False, kernel_init=_small_normal, rngs=rngs)
 
-  def frame_parts(self, frames: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
-    """Frames (N, H, W, 3) -> (parts (N, K, part_dim), maps (N, K, h*w), (h, w))."""
-    x = self.stage(self.trunk(frames.astype(self.dtype)))
-    maps = spatial_softmax(self.spatial(x))
+  def frame_parts(
+      self, frames: jax.Array, groups: batch_norm.Groups | None = None
+  ) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+    """Frames (N, H, W, 3) -> (parts (N, K, part_dim), maps (N, K, h*w), (h, w)); `groups`:
+    ghost-BN tracklet groups of the N frames (`config.model.bn_groups`; None: whole batch)."""
+    x = self.stage(self.trunk(frames.astype(self.dtype), groups), groups)
+    maps = spatial_softmax(self.spatial(x, groups))
     parts = self.reduce(attend_parts(x, maps))
     if self.normalize_parts:
       parts = l2_normalize(parts)
@@ -218,7 +226,8 @@ class DRSA(nnx.Module):
   def __call__(self, frames: jax.Array) -> dict[str, jax.Array]:
     _check_frames(frames, "DRSA input")
     b, l = frames.shape[:2]
-    parts, maps, _ = self.frame_parts(frames.reshape((b * l,) + frames.shape[2:]))
+    parts, maps, _ = self.frame_parts(frames.reshape((b * l,) + frames.shape[2:]),
+                                      batch_norm.tracklet_groups(b, self.bn_groups))
     parts = parts.reshape(b, l, self.num_parts, self.part_dim)
     weights, fused = temporal_pool(parts, self.temporal(parts))
     embedding = fused.reshape(b, self.num_parts * self.part_dim)

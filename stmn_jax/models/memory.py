@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmn_jax.models import batch_norm
+
 SIMILARITIES = ("cosine", "code")
 LAYOUTS = ("per_location", "nchw_flat")
 
@@ -95,7 +97,8 @@ class SpatialMemory(nnx.Module):
 
   The read-out BatchNorm starts with scale 0 and bias 0 (both trainable), so at
   initialisation the refined features equal the input value features. Its statistics are taken
-  over all B*L*h*w rows of the batch.
+  over all B*L*h*w rows of the batch, or per group of tracklets with ghost BN (`groups`);
+  `bn_running_var` / `bn_running_stats` as `models/batch_norm.py` (config.model fields).
   """
 
   def __init__(
@@ -106,6 +109,8 @@ class SpatialMemory(nnx.Module):
       layout: str = "per_location",
       similarity: str = "cosine",
       dtype: Any = jnp.float32,
+      bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     if layout not in LAYOUTS:
@@ -118,9 +123,10 @@ class SpatialMemory(nnx.Module):
         dim, slots, layout, similarity, dtype)
     self.mem_keys = nnx.Param(jax.random.normal(rngs.params(), (slots, dim), jnp.float32))
     self.mem_values = nnx.Param(jax.random.normal(rngs.params(), (slots, dim), jnp.float32))
-    self.bn = nnx.BatchNorm(
-        dim, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, scale_init=nnx.initializers.zeros,
-        bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+    self.bn = batch_norm.head_batch_norm(
+        dim, running_var=bn_running_var, running_stats=bn_running_stats, momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON, scale_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros,
+        dtype=dtype, rngs=rngs)
 
   def address(self, queries: jax.Array) -> jax.Array:
     """Matching probabilities. queries (..., D) -> (..., M) float32, softmax over M.
@@ -131,11 +137,13 @@ class SpatialMemory(nnx.Module):
     logits = memory_logits(queries.reshape(-1, self.dim), self.mem_keys[...], self.similarity)
     return jax.nn.softmax(logits, axis=-1).reshape(*lead, self.slots)
 
-  def __call__(self, query_map: jax.Array, value_map: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, query_map: jax.Array, value_map: jax.Array,
+               groups: batch_norm.Groups | None = None) -> tuple[jax.Array, jax.Array]:
     """query_map, value_map (N, h, w, D) -> refined (N, h, w, D), probs (N, h*w, M).
 
     refined = value_map - BN(probs @ values), rows laid out as `layout`; probs float32, the
-    read-out probs @ values in float32, then BN and subtraction in the compute dtype.
+    read-out probs @ values in float32, then BN and subtraction in the compute dtype. `groups`:
+    ghost-BN tracklet groups of the N frames (None: the whole batch).
     """
     if query_map.shape != value_map.shape or query_map.shape[-1] != self.dim:
       raise ValueError(
@@ -144,7 +152,7 @@ class SpatialMemory(nnx.Module):
     _, h, w, _ = query_map.shape
     probs = self.address(to_query_rows(query_map, self.layout))  # (N, h*w, M)
     readout = (probs @ self.mem_values[...]).astype(self.dtype)  # (N, h*w, D)
-    readout = self.bn(readout)  # statistics over all N*h*w rows
+    readout = self.bn(readout, groups=groups)  # statistics over all N*h*w rows (or per group)
     refined = value_map - from_query_rows(readout, h, w, self.layout).astype(value_map.dtype)
     return refined, probs
 
@@ -158,13 +166,45 @@ def _torch_uniform(scale: float):
   return init
 
 
+LSTM_BIASES = (1, 2)
+
+
+class TwoBiasLSTMCell(nnx.OptimizedLSTMCell):
+  """`nnx.OptimizedLSTMCell` with PyTorch's two bias vectors: `dense_h.bias` is `bias_hh` and
+  `bias_ih` is a second `nnx.Param` (4 * hidden,), drawn after every variable of the parent
+  cell, so the kernels and `bias_hh` get the same random numbers as the one-bias cell.
+
+  Gates W_i x + W_h h + b_hh + b_ih: the forward pass is the one-bias cell's with bias
+  b_hh + b_ih. What differs is training: each bias is its own parameter with its own Adam
+  moments (their sum can move by up to 2 lr per step), and the initial sum of two
+  U(-k, k) vectors is triangular on (-2k, 2k), not uniform.
+  """
+
+  def __init__(self, in_features: int, hidden_features: int, *, bias_init, rngs: nnx.Rngs,
+               **kwargs):
+    super().__init__(in_features, hidden_features, bias_init=bias_init, rngs=rngs, **kwargs)
+    self.bias_ih = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), self.param_dtype))
+
+  def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array):
+    c, h = carry
+    y = self.dense_i(inputs) + self.dense_h(h)
+    y = y + self.bias_ih[...].astype(y.dtype)
+    i, f, g, o = jnp.split(y, indices_or_sections=4, axis=-1)
+    i, f, o = self.gate_fn(i), self.gate_fn(f), self.gate_fn(o)
+    new_c = f * c + i * self.activation_fn(g)
+    new_h = o * self.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
+
 class TemporalMemory(nnx.Module):
   """Temporal memory: LSTM over L pooled queries; `mem_keys` (N, D) ~ N(0, 1), `mem_values`
   (N, L) ~ U[0, 1).
 
-  The LSTM is `nnx.OptimizedLSTMCell` (gates i, f, g, o; zero initial state) initialised like
-  PyTorch's `nn.LSTM`: every weight and the bias U(-1/sqrt(D), 1/sqrt(D)) (PyTorch has two
-  bias vectors whose sum acts as one; we keep one).
+  The LSTM (gates i, f, g, o; zero initial state) is initialised like PyTorch's `nn.LSTM`: every
+  weight and bias U(-1/sqrt(D), 1/sqrt(D)). `lstm_biases` (`config.model.lstm_biases`):
+  1 (default; the paper writes one bias per gate) is `nnx.OptimizedLSTMCell`'s single bias;
+  2 (official: `nn.LSTM` has `bias_ih` and `bias_hh`) is `TwoBiasLSTMCell`, the same forward
+  function of their sum, two trainable vectors (see there).
   """
 
   def __init__(
@@ -175,6 +215,7 @@ class TemporalMemory(nnx.Module):
       *,
       similarity: str = "cosine",
       dtype: Any = jnp.float32,
+      lstm_biases: int = 1,
       rngs: nnx.Rngs,
   ):
     if similarity not in SIMILARITIES:
@@ -182,10 +223,14 @@ class TemporalMemory(nnx.Module):
     if slots < 1 or seq_len < 1:
       raise ValueError(
           f"temporal_slots and seq_len must be positive, got {slots} and {seq_len}")
+    if lstm_biases not in LSTM_BIASES:
+      raise ValueError(f"lstm_biases: expected one of {LSTM_BIASES}, got {lstm_biases!r}")
     self.dim, self.slots, self.seq_len, self.similarity, self.dtype = (
         dim, slots, seq_len, similarity, dtype)
+    self.lstm_biases = lstm_biases
     init = _torch_uniform(1.0 / dim ** 0.5)
-    self.lstm = nnx.OptimizedLSTMCell(
+    cell = nnx.OptimizedLSTMCell if lstm_biases == 1 else TwoBiasLSTMCell
+    self.lstm = cell(
         dim, dim, kernel_init=init, recurrent_kernel_init=init, bias_init=init, dtype=dtype,
         rngs=rngs)
     self.mem_keys = nnx.Param(jax.random.normal(rngs.params(), (slots, dim), jnp.float32))

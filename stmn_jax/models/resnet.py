@@ -15,7 +15,8 @@ torchvision state-dict keys (conv1, bn1, layer1[0].conv1, ..., downsample_conv/b
 
 Speed on XLA:CPU (`kernels` / `set_kernels`, chosen at trace time, "auto" = by backend; the
 rewrites live in `models/cpu_kernels.py`): BatchNorm's training statistics (two-pass variance,
-tree-reduced column sums) and closed-form gradient (`BatchNorm`, `batch_norm_train`) and the
+tree-reduced column sums) and closed-form gradient (`BatchNorm` of `models/batch_norm.py`,
+`batch_norm_train`; with ghost-BN groups `batch_norm.ghost_batch_norm_train`) and the
 stem's max-pool as 9 strided slices (`max_pool_slices`), with hand-written gradients; other
 backends keep the stock Flax / XLA ops. Same variables and the same function either way
 (tests/test_speed_equivalence.py).
@@ -35,6 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmn_jax.models.batch_norm import (  # noqa: F401  (re-exported)
+    RUNNING_STATS_MODES, RUNNING_VAR_MODES, BatchNorm, Groups, bn_groups, bn_running_stats,
+    bn_running_var)
 from stmn_jax.models.cpu_kernels import (  # noqa: F401  (the kernel switch, re-exported)
     KERNEL_MODES, batch_norm_train, kernels, max_pool_slices, set_kernels, use_fast_kernels)
 
@@ -167,76 +171,21 @@ class Conv(nnx.Module):
     )
 
 
-RUNNING_VAR_MODES = ("biased", "unbiased")
-
-
-class BatchNorm(nnx.BatchNorm):
-  """`nnx.BatchNorm` (same variables, same results) whose training mode uses
-  `batch_norm_train` when `use_fast_kernels()` (XLA:CPU); evaluation mode and the other
-  backends, and 16-bit compute dtypes, run the stock code. Only the layout used here is taken
-  over: statistics over every axis but the last, no mask, no cross-device axis name (SPMD jit
-  shards the sums itself).
-
-  `running_var`: which batch variance the running variance moves towards in training mode:
-  "biased" (Flax's, the default) or "unbiased" (PyTorch's / the official STMN code's: the
-  biased one times n / (n - 1), n = rows per channel). Normalisation always uses the biased one.
-  """
-
-  def __init__(self, *args, running_var: str = "biased", **kwargs):
-    if running_var not in RUNNING_VAR_MODES:
-      raise ValueError(
-          f"BatchNorm running_var must be one of {RUNNING_VAR_MODES}, got {running_var!r}")
-    super().__init__(*args, **kwargs)
-    self.running_var = running_var
-
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = (self.use_running_average if use_running_average is None
-                           else use_running_average)
-    compute = jnp.dtype(self.dtype if self.dtype is not None else x.dtype)
-    if (use_running_average or mask is not None or self.axis_name is not None
-        or self.axis not in (-1, x.ndim - 1) or compute.itemsize < 4 or not use_fast_kernels()):
-      # bf16 / f16 compute keeps the stock code: its gradient norm stayed closer to float32's
-      # (tests/test_mixed_precision.py) than the rewrite's.
-      if use_running_average or self.running_var == "biased":
-        return super().__call__(x, use_running_average, mask=mask)
-      if mask is not None or self.axis_name is not None:
-        raise NotImplementedError("BatchNorm running_var='unbiased' with a mask or axis_name")
-      old_var = self.var[...]
-      y = super().__call__(x, use_running_average, mask=mask)
-      # stock: new = m old + (1 - m) v  ->  m old + (1 - m) v n / (n - 1)
-      n = x.size // x.shape[self.axis]
-      moved = self.var[...] - self.momentum * old_var
-      self.var[...] = self.var[...] + moved / max(n - 1, 1)
-      return y
-    scale, bias = self.promote_dtype((self.scale[...], self.bias[...]), dtype=self.dtype)
-    x = jnp.asarray(x, self.dtype) if self.dtype is not None else x
-    out_dtype = x.dtype
-    stats = jnp.promote_types(x.dtype, jnp.float32)  # statistics at least float32, as Flax
-    c = x.shape[-1]
-    y, mean, var = batch_norm_train(
-        x.reshape(-1, c).astype(stats), scale.astype(stats), bias.astype(stats), self.epsilon)
-    m = self.momentum
-    new_mean = m * self.mean[...] + (1 - m) * mean
-    if self.running_var == "unbiased":
-      rows = x.size // c
-      var = var * (rows / max(rows - 1, 1))
-    new_var = m * self.var[...] + (1 - m) * var
-    self.mean[...] = jax.lax.stop_gradient(new_mean.astype(self.mean.dtype))
-    self.var[...] = jax.lax.stop_gradient(new_var.astype(self.var.dtype))
-    return y.reshape(x.shape).astype(out_dtype)
-
-
 def batch_norm(num_features: int, dtype: Dtype, rngs: nnx.Rngs, zero_init: bool = False,
-               running_var: str = "biased") -> BatchNorm:
-  """BN as torchvision (momentum 0.1 PyTorch, eps 1e-5), float32 params and statistics.
+               running_var: str = "biased", running_stats: str = "mean_of_groups") -> BatchNorm:
+  """BN as torchvision (momentum 0.1 PyTorch, eps 1e-5), float32 params and statistics, with the
+  XLA:CPU rewrite (`models/batch_norm.py`).
 
   `running_var="biased"` (default, Flax's) updates the running variance with the biased batch
   variance; "unbiased" as PyTorch / the official STMN code (factor n / (n - 1), n = N*H*W per
   channel; `config.model.bn_running_var`). Outputs in both modes match either way.
+  `running_stats`: which groups' statistics the running ones follow under ghost BN
+  (`config.model.bn_running_stats`).
   """
   return BatchNorm(
       num_features,
       running_var=running_var,
+      running_stats=running_stats,
       momentum=BN_MOMENTUM,
       epsilon=BN_EPSILON,
       dtype=dtype,
@@ -265,11 +214,13 @@ class BasicBlock(nnx.Module):
       dtype: Dtype = jnp.float32,
       *,
       bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     out = planes * self.expansion
     self.final_relu = final_relu
-    bn = functools.partial(batch_norm, running_var=bn_running_var)
+    bn = functools.partial(
+        batch_norm, running_var=bn_running_var, running_stats=bn_running_stats)
     self.conv1 = Conv(in_features, planes, 3, stride, dtype, rngs=rngs)
     self.bn1 = bn(planes, dtype, rngs)
     self.conv2 = Conv(planes, out, 3, 1, dtype, rngs=rngs)
@@ -279,10 +230,12 @@ class BasicBlock(nnx.Module):
       self.downsample_conv = Conv(in_features, out, 1, stride, dtype, rngs=rngs)
       self.downsample_bn = bn(out, dtype, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = nnx.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    shortcut = self.downsample_bn(self.downsample_conv(x)) if self.has_downsample else x
+  def __call__(self, x: jax.Array, groups: Groups | None = None) -> jax.Array:
+    """`groups`: ghost-BN tracklet groups (`models/batch_norm.py`), None = the whole batch."""
+    y = nnx.relu(self.bn1(self.conv1(x), groups=groups))
+    y = self.bn2(self.conv2(y), groups=groups)
+    shortcut = (self.downsample_bn(self.downsample_conv(x), groups=groups)
+                if self.has_downsample else x)
     y = y + shortcut.astype(y.dtype)
     return nnx.relu(y) if self.final_relu else y
 
@@ -306,11 +259,13 @@ class Bottleneck(nnx.Module):
       dtype: Dtype = jnp.float32,
       *,
       bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     out = planes * self.expansion
     self.final_relu = final_relu
-    bn = functools.partial(batch_norm, running_var=bn_running_var)
+    bn = functools.partial(
+        batch_norm, running_var=bn_running_var, running_stats=bn_running_stats)
     self.conv1 = Conv(in_features, planes, 1, 1, dtype, rngs=rngs)
     self.bn1 = bn(planes, dtype, rngs)
     self.conv2 = Conv(planes, planes, 3, stride, dtype, rngs=rngs)
@@ -322,11 +277,13 @@ class Bottleneck(nnx.Module):
       self.downsample_conv = Conv(in_features, out, 1, stride, dtype, rngs=rngs)
       self.downsample_bn = bn(out, dtype, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = nnx.relu(self.bn1(self.conv1(x)))
-    y = nnx.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
-    shortcut = self.downsample_bn(self.downsample_conv(x)) if self.has_downsample else x
+  def __call__(self, x: jax.Array, groups: Groups | None = None) -> jax.Array:
+    """`groups`: ghost-BN tracklet groups (`models/batch_norm.py`), None = the whole batch."""
+    y = nnx.relu(self.bn1(self.conv1(x), groups=groups))
+    y = nnx.relu(self.bn2(self.conv2(y), groups=groups))
+    y = self.bn3(self.conv3(y), groups=groups)
+    shortcut = (self.downsample_bn(self.downsample_conv(x), groups=groups)
+                if self.has_downsample else x)
     y = y + shortcut.astype(y.dtype)
     return nnx.relu(y) if self.final_relu else y
 
@@ -344,6 +301,7 @@ def make_stage(
     dtype: Dtype = jnp.float32,
     *,
     bn_running_var: str = "biased",
+    bn_running_stats: str = "mean_of_groups",
     rngs: nnx.Rngs,
 ) -> nnx.List:
   """Blocks of stage `index` (0..3 = layer1..layer4) as an `nnx.List`.
@@ -373,6 +331,7 @@ def make_stage(
             zero_init_residual=zero_init_residual,
             dtype=dtype,
             bn_running_var=bn_running_var,
+            bn_running_stats=bn_running_stats,
             rngs=rngs,
         )
     )
@@ -380,9 +339,9 @@ def make_stage(
   return nnx.List(blocks)
 
 
-def _run(blocks: Sequence[nnx.Module], x: jax.Array) -> jax.Array:
+def _run(blocks: Sequence[nnx.Module], x: jax.Array, groups: Groups | None) -> jax.Array:
   for block in blocks:
-    x = block(x)
+    x = block(x, groups)
   return x
 
 
@@ -415,6 +374,7 @@ class ResNetTrunk(nnx.Module):
       zero_init_residual: bool = False,
       *,
       bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     self.depth = depth
@@ -424,23 +384,25 @@ class ResNetTrunk(nnx.Module):
     self.out_features = stage_channels(depth, width)[2]
     stem = stem_channels(width)
     self.conv1 = Conv(3, stem, 7, 2, dtype, rngs=rngs)
-    self.bn1 = batch_norm(stem, dtype, rngs, running_var=bn_running_var)
+    self.bn1 = batch_norm(stem, dtype, rngs, running_var=bn_running_var,
+                          running_stats=bn_running_stats)
     kw = dict(zero_init_residual=zero_init_residual, dtype=dtype, bn_running_var=bn_running_var,
-              rngs=rngs)
+              bn_running_stats=bn_running_stats, rngs=rngs)
     self.layer1 = make_stage(depth, width, 0, **kw)
     self.layer2 = make_stage(depth, width, 1, **kw)
     self.layer3 = make_stage(depth, width, 2, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, groups: Groups | None = None) -> jax.Array:
+    """`groups`: ghost-BN tracklet groups (`models/batch_norm.py`), None = the whole batch."""
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNetTrunk expects NHWC images (N, H, W, 3), got shape {x.shape}")
-    x = self.bn1(self.conv1(x))
+    x = self.bn1(self.conv1(x), groups=groups)
     if self.stem_relu:
       x = nnx.relu(x)
     x = max_pool_3x3_s2(x)
-    x = _run(self.layer1, x)
-    x = _run(self.layer2, x)
-    return _run(self.layer3, x)
+    x = _run(self.layer1, x, groups)
+    x = _run(self.layer2, x, groups)
+    return _run(self.layer3, x, groups)
 
 
 class ResNetStage(nnx.Module):
@@ -461,6 +423,7 @@ class ResNetStage(nnx.Module):
       zero_init_residual: bool = False,
       *,
       bn_running_var: str = "biased",
+      bn_running_stats: str = "mean_of_groups",
       rngs: nnx.Rngs,
   ):
     self.depth = depth
@@ -472,14 +435,15 @@ class ResNetStage(nnx.Module):
     self.out_features = stage_channels(depth, width)[3]
     self.blocks = make_stage(
         depth, width, 3, stride, final_relu, zero_init_residual, dtype,
-        bn_running_var=bn_running_var, rngs=rngs)
+        bn_running_var=bn_running_var, bn_running_stats=bn_running_stats, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, groups: Groups | None = None) -> jax.Array:
+    """`groups`: ghost-BN tracklet groups (`models/batch_norm.py`), None = the whole batch."""
     if x.ndim != 4 or x.shape[-1] != self.in_features:
       raise ValueError(
           f"ResNetStage expects (N, h, w, {self.in_features}) features, got shape {x.shape}"
       )
-    return _run(self.blocks, x)
+    return _run(self.blocks, x, groups)
 
 
 # ------------------------------------------------------------------------------ from a config
@@ -492,29 +456,20 @@ def compute_dtype(name: Any) -> Dtype:
         f"config.model.dtype: unknown dtype {name!r} (expected e.g. float32, bfloat16)") from e
 
 
-def bn_running_var(config_model: Any) -> str:
-  """`config.model.bn_running_var` ("biased" when the field is absent); ValueError if unknown."""
-  mode = config_model.get("bn_running_var", "biased")
-  if mode not in RUNNING_VAR_MODES:
-    raise ValueError(
-        f"config.model.bn_running_var must be one of {RUNNING_VAR_MODES}, got {mode!r}")
-  return mode
-
-
 def stage_from_config(
     config_model: Any, *, final_relu: bool = True, rngs: nnx.Rngs
 ) -> ResNetStage:
-  """layer4 from `config.model` (depth, width, last_stride, dtype, bn_running_var):
-  `ResNetStage`."""
+  """layer4 from `config.model` (depth, width, last_stride, dtype, bn_running_var,
+  bn_running_stats): `ResNetStage`."""
   m = config_model
   return ResNetStage(
       m.depth, m.width, m.last_stride, final_relu, compute_dtype(m.dtype),
-      bn_running_var=bn_running_var(m), rngs=rngs)
+      bn_running_var=bn_running_var(m), bn_running_stats=bn_running_stats(m), rngs=rngs)
 
 
 def backbone_from_config(config_model: Any, *, rngs: nnx.Rngs) -> tuple[ResNetTrunk, ResNetStage]:
   """The re-ID backbone from `config.model` (depth, width, stem_relu, last_stride, dtype,
-  bn_running_var):
+  bn_running_var, bn_running_stats):
   (trunk (N, H, W, 3) -> (N, H/16, W/16, C3), layer4 with its final ReLU -> (N, h, w, C4)).
 
   Created in that order (the order decides which random numbers each gets). A model keeps them
@@ -523,5 +478,6 @@ def backbone_from_config(config_model: Any, *, rngs: nnx.Rngs) -> tuple[ResNetTr
   """
   m = config_model
   trunk = ResNetTrunk(m.depth, m.width, m.stem_relu, compute_dtype(m.dtype),
-                      bn_running_var=bn_running_var(m), rngs=rngs)
+                      bn_running_var=bn_running_var(m), bn_running_stats=bn_running_stats(m),
+                      rngs=rngs)
   return trunk, stage_from_config(m, rngs=rngs)

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stmn_jax.models import resnet
+from stmn_jax.models import batch_norm, resnet
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 _BN_EPS = 1e-5
@@ -185,25 +185,32 @@ class STA(nnx.Module):
     self.num_stripes = s.num_stripes
     self.attention = s.attention
     self.eval_chunk = s.get("eval_chunk", 32)
+    self.bn_groups = batch_norm.bn_groups(m)
     channels = resnet.stage_channels(m.depth, m.width)[3]
     self.trunk, self.stage = resnet.backbone_from_config(m, rngs=rngs)
     kaiming = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
     self.reduce = nnx.Linear(2 * channels, s.embed_dim, use_bias=False, kernel_init=kaiming,
                              rngs=rngs)
-    self.bn = nnx.BatchNorm(s.embed_dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, rngs=rngs)
+    self.bn = batch_norm.head_batch_norm(
+        s.embed_dim, running_var=batch_norm.bn_running_var(m),
+        running_stats=batch_norm.bn_running_stats(m), momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
+        dtype=None, rngs=rngs)
     self.classifier = nnx.Linear(s.embed_dim, num_classes, use_bias=False,
                                  kernel_init=nnx.initializers.normal(0.001), rngs=rngs)
 
-  def frame_stripes(self, frames: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Frames (N, H, W, 3) -> (v (N, K, C), s (N, K), g (N, h, w))."""
-    f = self.stage(self.trunk(frames.astype(self.dtype)))
+  def frame_stripes(
+      self, frames: jax.Array, groups: batch_norm.Groups | None = None
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Frames (N, H, W, 3) -> (v (N, K, C), s (N, K), g (N, h, w)); `groups`: ghost-BN
+    tracklet groups of the N frames (`config.model.bn_groups`; None: the whole batch)."""
+    f = self.stage(self.trunk(frames.astype(self.dtype), groups), groups)
     g = spatial_scores(f, self.attention)
     return (stripe_vectors(f, self.num_stripes), stripe_scores(g, self.num_stripes, self.attention),
             g)
 
-  def head(self, fused: jax.Array) -> jax.Array:
-    """Fused (B, 2C) -> embedding (B, embed_dim) = ReLU(BN(W x))."""
-    return jax.nn.relu(self.bn(self.reduce(fused)))
+  def head(self, fused: jax.Array, groups: batch_norm.Groups | None = None) -> jax.Array:
+    """Fused (B, 2C) -> embedding (B, embed_dim) = ReLU(BN(W x)); `groups`: ghost BN."""
+    return jax.nn.relu(self.bn(self.reduce(fused), groups=groups))
 
   def chunk_summary(self, frames: jax.Array, mask: jax.Array) -> StripeSummary:
     """Chunks of frames (B, L, H, W, 3), mask (B, L) -> StripeSummary (B, K, C) of each chunk.
@@ -240,10 +247,11 @@ class STA(nnx.Module):
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"STA input: expected frames (B, L, H, W, 3), got shape {tuple(frames.shape)}")
     b, l = frames.shape[:2]
-    v, s, g = self.frame_stripes(frames.reshape((b * l,) + frames.shape[2:]))
+    groups = batch_norm.tracklet_groups(b, self.bn_groups)  # None: whole-batch statistics
+    v, s, g = self.frame_stripes(frames.reshape((b * l,) + frames.shape[2:]), groups)
     k = self.num_stripes
     attention = frame_attention(s.reshape(b, l, k))
-    embedding = self.head(fuse(v.reshape(b, l, k, -1), attention))
+    embedding = self.head(fuse(v.reshape(b, l, k, -1), attention), groups)
     return {
         "embedding": embedding,
         "seq_feats": embedding,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stmn_jax.models import memory, resnet
+from stmn_jax.models import batch_norm, memory, resnet
 
 CLASSIFIER_STD = 0.001
 
@@ -39,16 +39,20 @@ class FrozenBias(nnx.Variable):
 
 
 class BNNeck(nnx.Module):
-  """BatchNorm1d with trainable scale (init 1) and a bias frozen at 0: (N, D) -> (N, D)."""
+  """BatchNorm1d with trainable scale (init 1) and a bias frozen at 0: (N, D) -> (N, D).
 
-  def __init__(self, dim: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    self.bn = nnx.BatchNorm(
-        dim, use_bias=False, momentum=memory.BN_MOMENTUM, epsilon=memory.BN_EPSILON,
-        dtype=dtype, rngs=rngs)
+  `bn_running_var`, `bn_running_stats`, `groups` (ghost BN): see `models/batch_norm.py`.
+  """
+
+  def __init__(self, dim: int, *, dtype: Any = jnp.float32, bn_running_var: str = "biased",
+               bn_running_stats: str = "mean_of_groups", rngs: nnx.Rngs):
+    self.bn = batch_norm.head_batch_norm(
+        dim, running_var=bn_running_var, running_stats=bn_running_stats, use_bias=False,
+        momentum=memory.BN_MOMENTUM, epsilon=memory.BN_EPSILON, dtype=dtype, rngs=rngs)
     self.bias = FrozenBias(jnp.zeros((dim,), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.bn(x)
+  def __call__(self, x: jax.Array, groups: batch_norm.Groups | None = None) -> jax.Array:
+    y = self.bn(x, groups=groups)
     return y + self.bias[...].astype(y.dtype)
 
 
@@ -62,8 +66,14 @@ class STMN(nnx.Module):
 
   Reads from `config_model` (configs/default.py `config.model`): depth, width, last_stride,
   stem_relu, spatial_memory, temporal_memory, spatial_slots (M), temporal_slots (N),
-  smem_layout, memory_similarity, dtype. `seq_len` is L (`config.data.seq_len`), the length of
-  the temporal memory's values; with the temporal memory on, inputs must have exactly L frames.
+  smem_layout, memory_similarity, dtype, bn_running_var, bn_running_stats, bn_groups,
+  lstm_biases. `seq_len` is L (`config.data.seq_len`), the length of the temporal memory's
+  values; with the temporal memory on, inputs must have exactly L frames.
+
+  Ghost BN (`bn_groups` = G > 1): in training mode the B tracklets of a call are cut into
+  `batch_norm.chunk_sizes(B, G)` groups (torch.chunk, as `nn.DataParallel` on G GPUs), and
+  every BatchNorm (backbone, memory read-out, both BNNecks) normalises each group with its own
+  statistics. The memory spread losses follow the same groups (`losses.total_loss`).
   """
 
   def __init__(
@@ -82,20 +92,23 @@ class STMN(nnx.Module):
     self.use_temporal = bool(m.temporal_memory)
     self.seq_len = int(seq_len)
     self.num_classes = num_classes
+    self.bn_groups = batch_norm.bn_groups(m)
+    bn_kw = dict(bn_running_var=batch_norm.bn_running_var(m),
+                 bn_running_stats=batch_norm.bn_running_stats(m))
     self.dim = dim = resnet.stage_channels(m.depth, m.width)[3]
     self.trunk, self.value_stage = resnet.backbone_from_config(m, rngs=rngs)
     if self.use_spatial:
       self.spatial_query_stage = resnet.stage_from_config(m, final_relu=False, rngs=rngs)
       self.spatial_memory = memory.SpatialMemory(
           dim, m.spatial_slots, layout=m.smem_layout, similarity=m.memory_similarity,
-          dtype=dtype, rngs=rngs)
+          dtype=dtype, **bn_kw, rngs=rngs)
     if self.use_temporal:
       self.temporal_query_stage = resnet.stage_from_config(m, final_relu=False, rngs=rngs)
       self.temporal_memory = memory.TemporalMemory(
           dim, m.temporal_slots, self.seq_len, similarity=m.memory_similarity, dtype=dtype,
-          rngs=rngs)
-    self.frame_neck = BNNeck(dim, dtype=dtype, rngs=rngs)
-    self.seq_neck = BNNeck(dim, dtype=dtype, rngs=rngs)
+          lstm_biases=m.get("lstm_biases", 1), rngs=rngs)
+    self.frame_neck = BNNeck(dim, dtype=dtype, **bn_kw, rngs=rngs)
+    self.seq_neck = BNNeck(dim, dtype=dtype, **bn_kw, rngs=rngs)
     init = nnx.initializers.normal(CLASSIFIER_STD)
     self.frame_classifier = nnx.Linear(
         dim, num_classes, use_bias=False, kernel_init=init, dtype=dtype, rngs=rngs)
@@ -120,28 +133,30 @@ class STMN(nnx.Module):
           f"STMN: the temporal memory holds attentions over L={self.seq_len} frames "
           f"(config.data.seq_len); got clips of {length} frames")
     x = frames.reshape(b * length, *frames.shape[2:]).astype(self.dtype)
-    shared = self.trunk(x)
-    value = self.value_stage(shared)  # (BL, h, w, D), >= 0
+    groups = batch_norm.tracklet_groups(b, self.bn_groups)  # None: whole-batch statistics
+    shared = self.trunk(x, groups)
+    value = self.value_stage(shared, groups)  # (BL, h, w, D), >= 0
     _, h, w, d = value.shape
     out: dict[str, jax.Array] = {}
     if self.use_spatial:
-      refined, sprobs = self.spatial_memory(self.spatial_query_stage(shared), value)
+      refined, sprobs = self.spatial_memory(
+          self.spatial_query_stage(shared, groups), value, groups)
       out["spatial_probs"] = sprobs.reshape(b, length, h * w, -1)
     else:
       refined = value
     frame = _gap(refined)  # (BL, D)
     frame_feats = frame.reshape(b, length, d)
     if self.use_temporal:
-      tq = _gap(self.temporal_query_stage(shared)).reshape(b, length, d)
+      tq = _gap(self.temporal_query_stage(shared, groups)).reshape(b, length, d)
       seq, tprobs, weights = self.temporal_memory(tq, frame_feats)
       out["temporal_probs"] = tprobs
     else:
       weights = jnp.full((b, length), 1.0 / length, jnp.float32)
       seq = jnp.mean(frame_feats, axis=1)
-    embedding = self.seq_neck(seq)
+    embedding = self.seq_neck(seq, groups)
     out.update(
         embedding=embedding,
-        frame_logits=self.frame_classifier(self.frame_neck(frame)).reshape(b, length, -1),
+        frame_logits=self.frame_classifier(self.frame_neck(frame, groups)).reshape(b, length, -1),
         seq_logits=self.seq_classifier(embedding),
         frame_feats=frame_feats,
         seq_feats=seq,
