@@ -8,7 +8,7 @@
   (`pooling.extract_features`); "whole" runs one attention pass over every frame of each
   tracklet (models with the whole-tracklet protocol, `embedding.py`).
 - `prepare`: the set-up of the modes that start from a trained workdir (checks, mesh, data,
-  restore) in one call.
+  restore) in one call; the data may be another dataset's (cross-dataset evaluation).
 """
 
 from __future__ import annotations
@@ -223,13 +223,22 @@ class Prepared:
 def prepare(
     config: ml_collections.ConfigDict, workdir: str, *, read_data: bool = True,
     which: str | None = None, flag: str = "--workdir",
+    data_config: ml_collections.ConfigDict | None = None,
 ) -> Prepared:
   """The shared set-up of eval, export, extract, search and visualize: checks the config and
   `workdir` (`flag` names it in errors), makes the mesh, reads the dataset (`read_data`),
   restores the model (`which`: "best" / "latest", default `config.eval.checkpoint`). Only the
-  test tracklets' frames are checked up front: these modes read no others."""
+  test tracklets' frames are checked up front: these modes read no others.
+
+  `data_config` (cross-dataset evaluation, `eval_mode`): the config whose dataset is read
+  instead of `config`'s. The model is still `config`'s, and its number of training identities
+  is read from the checkpoint (the other dataset's training ids say nothing about it), so
+  `setup.num_classes` is None then.
+  """
   check_workdir(workdir, flag)
-  setup = run_setup.prepare_run(config, read_data=read_data, frames_of="test")
+  setup = run_setup.prepare_run(data_config or config, read_data=read_data, frames_of="test")
+  if data_config is not None:
+    setup.num_classes = None
   state, label, step = restore_model(config, workdir, setup.mesh, which, setup.num_classes)
   return Prepared(setup=setup, state=state, checkpoint=label, step=step)
 
