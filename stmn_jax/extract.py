@@ -4,7 +4,8 @@
 sub-folder of frames per tracklet, `data_pipelines.folders`) -> `W/features/<name>.npy`
 (T, D) float32 plus `W/features/<name>.csv` (tracklet, pid, camera, num_frames, first_frame),
 the format of `features_io`. Embeddings follow `config.eval.sampling` (every sampling, "whole"
-included) through `inference.embed_tracklets`.
+included) through `inference.embed_tracklets`. The workdir may be local or `gs://...`
+(`workdir_io`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from stmn_jax import errors
 from stmn_jax import features_io
 from stmn_jax import inference
 from stmn_jax import run_setup
+from stmn_jax import workdir_io
 
 PARTS = ("query", "gallery", "train")
 
 
 def features_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "features")
+  return str(workdir_io.workdir_path(workdir) / "features")
 
 
 def extract_mode(
@@ -48,7 +50,7 @@ def extract_mode(
     names = [f"{split}/{i}" for i in range(len(tracklets))]
     label = split
   feats = inference.embed_tracklets(run.state, tracklets, config, run.mesh, progress=True)
-  npy = os.path.join(features_dir(workdir), f"{label}.npy")
+  npy = str(workdir_io.workdir_path(workdir) / "features" / f"{label}.npy")
   if jax.process_index() == 0:  # every host holds the same pooled features
     npy, index = features_io.write_features(npy, feats, names, tracklets)
   else:

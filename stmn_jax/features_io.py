@@ -4,16 +4,21 @@
 header `tracklet,pid,camera,num_frames,first_frame` (`INDEX_COLUMNS`) and one row per embedding
 row, in the same order. `write_features` writes both, `read_features` reads and checks both
 (every error names the file and what was expected), `read_arrays` gives the (feats, pids,
-camids) arrays that the ranking needs.
+camids) arrays that the ranking needs. Paths may be local or in an object store (`gs://...`):
+every access goes through `etils.epath`; the index is written in one write.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
+
+from stmn_jax import workdir_io
 
 INDEX_COLUMNS = ("tracklet", "pid", "camera", "num_frames", "first_frame")
 _INT_COLUMNS = ("pid", "camera", "num_frames")
@@ -26,7 +31,7 @@ class MissingFileError(FileNotFoundError, ValueError):
 
 def index_path(npy_path: str) -> str:
   """`DIR/NAME.npy` -> `DIR/NAME.csv`, the index beside it."""
-  return os.path.splitext(npy_path)[0] + ".csv"
+  return os.path.splitext(npy_path)[0] + ".csv"  # a string operation: any path, any URI
 
 
 def write_features(
@@ -47,14 +52,15 @@ def write_features(
     raise ValueError(f"{npy_path}: {feats.shape[0]} embeddings but {len(names)} names and "
                      f"{len(tracklets)} tracklets (expected one of each per row)")
   csv_path = index_path(npy_path)
-  folder = os.path.dirname(os.path.abspath(npy_path))
-  os.makedirs(folder, exist_ok=True)
-  np.save(npy_path, feats)
-  with open(csv_path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(INDEX_COLUMNS)
-    for name, t in zip(names, tracklets):
-      writer.writerow([name, t.pid, t.camid, t.num_frames, t.frames[0]])
+  epath.Path(npy_path).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(npy_path).open("wb") as f:
+    np.save(f, feats)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(INDEX_COLUMNS)
+  for name, t in zip(names, tracklets):
+    writer.writerow([name, t.pid, t.camid, t.num_frames, t.frames[0]])
+  epath.Path(csv_path).write_text(text.getvalue())
   return npy_path, csv_path
 
 
@@ -62,8 +68,9 @@ def read_features(npy_path: str, mmap: bool = False) -> tuple[np.ndarray, list[d
   """`NAME.npy` and `NAME.csv` -> (feats, rows).
 
   feats: (T, D) float32, or with mmap the stored array as a read-only memory map
-  (`np.load(mmap_mode="r")`, read when used). rows: one dict per embedding row with tracklet
-  (str), pid, camera, num_frames (int) and first_frame (str). Raises `MissingFileError` for a
+  (`np.load(mmap_mode="r")`, read when used; an object-store file is read whole). rows: one
+  dict per embedding row with tracklet (str), pid, camera, num_frames (int) and first_frame
+  (str). Raises `MissingFileError` for a
   missing .npy or .csv and ValueError for anything else that is not what --mode=extract writes.
   """
   feats = _read_npy(npy_path, mmap)
@@ -82,13 +89,21 @@ def read_arrays(npy_path: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarr
   return feats, pids, camids
 
 
+def _load_npy(path: str, mmap: bool) -> Any:
+  """np.load of a local file (memory-mapped with `mmap`) or of an object through epath."""
+  if workdir_io.is_local(path):
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  with epath.Path(path).open("rb") as f:
+    return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
 def _read_npy(path: str, mmap: bool) -> np.ndarray:
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise MissingFileError(f"{path}: no such file (expected the (T, D) features .npy written "
                            "by --mode=extract)")
   try:
-    feats = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-  except (OSError, ValueError) as e:
+    feats = _load_npy(path, mmap)
+  except (*workdir_io.io_errors(), ValueError) as e:
     raise ValueError(f"{path}: cannot read as a .npy array with allow_pickle=False (expected "
                      f"the (T, D) float features of --mode=extract): {e}") from e
   if not isinstance(feats, np.ndarray):  # an .npz archive
@@ -102,10 +117,10 @@ def _read_npy(path: str, mmap: bool) -> np.ndarray:
 
 
 def _read_index(path: str, npy_path: str) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise MissingFileError(f"{path}: missing index CSV (written beside {npy_path} by "
                            f"--mode=extract, columns {','.join(INDEX_COLUMNS)})")
-  with open(path, newline="") as f:
+  with io.StringIO(epath.Path(path).read_text(), newline="") as f:
     reader = csv.DictReader(f)
     if reader.fieldnames is None or not set(INDEX_COLUMNS) <= set(reader.fieldnames):
       raise ValueError(f"{path}: expected the header {','.join(INDEX_COLUMNS)}; got "

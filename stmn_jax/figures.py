@@ -2,16 +2,20 @@
 
 Pure `(path, arrays) -> path` functions: ranked lists (`--mode=search`, `--mode=visualize`),
 memory matching probabilities, feature-norm change maps, temporal weights and training curves
-(`--mode=visualize`). The numbers behind them are computed by the modes.
+(`--mode=visualize`). The numbers behind them are computed by the modes. Output paths may be
+local or in an object store (`gs://...`): PNGs are written and read back through `etils.epath`;
+the frames drawn in the tiles are dataset files.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 from matplotlib import figure
 from matplotlib.backends import backend_agg
 from PIL import Image
@@ -29,13 +33,14 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str, dpi: int = PNG_DPI) -> str:
-  fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
   return path
 
 
 def _tile(path: str | None, height: int, width: int) -> np.ndarray:
   """(height, width, 3) uint8 picture of `path`, or a grey tile when it is not a readable file."""
-  if path and os.path.isfile(path):
+  if path and os.path.isfile(path):  # a dataset frame, not a workdir file
     try:
       with Image.open(path) as image:
         return np.asarray(image.convert("RGB").resize((width, height)), np.uint8)
@@ -80,7 +85,7 @@ def stack_pngs(paths: Sequence[str], out: str) -> str:
   """Stacks PNG pictures top to bottom (left aligned, white background) into `out`."""
   images = []
   for p in paths:
-    with Image.open(p) as im:
+    with Image.open(io.BytesIO(epath.Path(p).read_bytes())) as im:
       images.append(im.convert("RGB"))
   canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)),
                      "white")
@@ -88,7 +93,8 @@ def stack_pngs(paths: Sequence[str], out: str) -> str:
   for im in images:
     canvas.paste(im, (0, y))
     y += im.height
-  canvas.save(out, format="PNG")
+  with epath.Path(out).open("wb") as f:
+    canvas.save(f, format="PNG")
   return out
 
 

@@ -1,64 +1,70 @@
 """Run results: `WORKDIR/results.json`, JSON-ready values, scalars for the metric writers.
 
 Where a summary is written (`write_results`, process 0 only, through `ranking.json_ready`,
-atomically: a temporary file renamed over results.json); `check_writable` probes that it can be,
-before a mode's work starts. The table a mode prints is `ranking.format_table`.
+atomically: `workdir_io.write_text_atomic`, a temporary file renamed over results.json locally,
+one object write in a bucket); `check_writable` probes that it can be, before a mode's work
+starts. The workdir may be local or `gs://...` (every access goes through `etils.epath`). The
+table a mode prints is `ranking.format_table`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from stmn_jax import errors
 from stmn_jax import ranking
+from stmn_jax import workdir_io
 
 RESULTS_FILE = "results.json"
 
 
-def results_path(workdir: str) -> str:
-  return os.path.join(workdir, RESULTS_FILE)
+def results_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / RESULTS_FILE
 
 
 def check_writable(workdir: str) -> None:
   """Raises WorkdirNotWritableError unless `WORKDIR/results.json` can be written.
 
-  Probes by opening it for appending (nothing written; a probe file that did not exist is
-  removed), so it also fails for root on a read-only filesystem or when the path is a folder.
+  Locally it probes by opening the file for appending (nothing written; a probe file that did
+  not exist is removed), so it also fails for root on a read-only filesystem or when the path
+  is a folder. An object store has no appending: an empty probe object is written beside it
+  and removed.
   """
   path = results_path(workdir)
-  existed = os.path.lexists(path)
   try:
-    open(path, "a").close()  # opened for appending: nothing is written
-    if not existed:
-      os.remove(path)
-  except OSError as e:
+    if workdir_io.is_local(path):
+      existed = path.exists()
+      with path.open("a"):  # opened for appending: nothing is written
+        pass
+      if not existed:
+        path.unlink()
+    else:
+      probe = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.probe")
+      probe.write_text("")
+      probe.unlink()
+  except workdir_io.io_errors() as e:
     raise errors.WorkdirNotWritableError(f"cannot write {path}: {e}") from e
 
 
 def write_results(workdir: str, summary: Mapping[str, Any]) -> str:
-  """Writes `summary` to `WORKDIR/results.json` (process 0); returns the path.
+  """Writes `summary` to `WORKDIR/results.json` (process 0, atomically); returns the path.
 
   Raises WorkdirNotWritableError (naming the path and the OS error) when it cannot.
   """
   path = results_path(workdir)
   if jax.process_index() == 0:
-    tmp = f"{path}.{os.getpid()}.tmp"
+    text = json.dumps(ranking.json_ready(summary), indent=2, sort_keys=True)
     try:
-      with open(tmp, "w") as f:
-        json.dump(ranking.json_ready(summary), f, indent=2, sort_keys=True)
-      os.replace(tmp, path)
-    except OSError as e:
+      workdir_io.write_text_atomic(path, text)
+    except workdir_io.io_errors() as e:
       raise errors.WorkdirNotWritableError(f"cannot write {path}: {e}") from e
-    finally:
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
-  return path
+  return str(path)
 
 
 def scalars(prefix: str, results: Mapping[str, Any]) -> dict[str, float]:

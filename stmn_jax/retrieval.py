@@ -5,7 +5,8 @@
 does (`data_pipelines.folders`, `inference.embed_tracklets`); the gallery is a
 `W/features/<name>.npy` (G, D) written by extract with its sibling `<name>.csv` index
 (`features_io`). Distances follow `config.eval.distance`. Writes `W/search/results.json` and
-one ranked-list picture per query, `W/search/<query>.png`.
+one ranked-list picture per query, `W/search/<query>.png`. The workdir and the gallery file may
+be local or `gs://...` (`workdir_io`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from stmn_jax import figures
 from stmn_jax import inference
 from stmn_jax import ranking
 from stmn_jax import run_setup
+from stmn_jax import workdir_io
 
 DEFAULT_TOPK = 10
 
 
 def search_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "search")
+  return str(workdir_io.workdir_path(workdir) / "search")
 
 
 def top_k(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,19 +77,19 @@ def search_mode(
   metric = config.eval.distance
   dist = ranking.pairwise_distance(q_feats, g_feats, metric)
   order, top = top_k(dist, topk)
-  out_dir = search_dir(workdir)
+  out_dir = workdir_io.workdir_path(workdir) / "search"
   results = []
   lines = [f"\nSearch ({metric} distance, {ckpt_label}): {len(names)} queries against "
            f"{len(g_rows)} gallery tracklets of {gallery}"]
   write = jax.process_index() == 0
   if write:
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
   for qi, (name, t) in enumerate(zip(names, tracklets)):
     matches = [dict(rank=r + 1, **{k: g_rows[gi][k] for k in ("tracklet", "pid", "camera",
                                                                 "first_frame")},
                     distance=float(top[qi, r]))
                for r, gi in enumerate(order[qi])]
-    png = os.path.join(out_dir, _png_name(name))
+    png = str(out_dir / _png_name(name))
     if write:
       figures.ranked_list_png(png, t.frames[0], t.pid, matches, config.data.height, config.data.width)
     results.append({"query": name, "pid": t.pid, "camera": t.camid, "picture": png,
@@ -96,12 +98,11 @@ def search_mode(
     lines += [f"  {m['rank']:3d}  {m['tracklet']:<24s} pid {m['pid']:>5d}  camera "
               f"{m['camera']:>3d}  distance {m['distance']:.4f}" for m in matches]
   summary = {"mode": "search", "checkpoint": ckpt_label, "query_dir": os.path.abspath(query),
-             "gallery": os.path.abspath(gallery), "metric": metric, "topk": int(order.shape[1]),
-             "results": results}
-  path = os.path.join(out_dir, "results.json")
+             "gallery": str(workdir_io.workdir_path(gallery)), "metric": metric,
+             "topk": int(order.shape[1]), "results": results}
+  path = str(out_dir / "results.json")
   if write:
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=1)
+    workdir_io.write_text_atomic(path, json.dumps(summary, indent=1))
   lines.append(f"  -> {path}")
   print("\n".join(lines), flush=True)
   return {**summary, "results_json": path}

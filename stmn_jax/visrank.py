@@ -1,16 +1,17 @@
 """Ranked lists on disk in torchreid's video layout (`visrank/`), and the ranking they show.
 
 `export_visrank` writes what torchreid's `visualize_ranked_results` writes for video data;
-`ranked_gallery` is the per-query order both it and the ranked-list figures use.
+`ranked_gallery` is the per-query order both it and the ranked-list figures use. The folder
+may be local or in an object store (`gs://...`): it is written through `etils.epath`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 
 def ranked_gallery(dist: np.ndarray, q_pid: int, q_cam: int, g_pids: np.ndarray,
@@ -23,10 +24,11 @@ def ranked_gallery(dist: np.ndarray, q_pid: int, q_cam: int, g_pids: np.ndarray,
   return order[keep][:k]
 
 
-def _copy_frames(frames: Sequence[str], dst: str) -> None:
-  os.makedirs(dst, exist_ok=True)
+def _copy_frames(frames: Sequence[str], dst: epath.Path) -> None:
+  """Copies the frame files (dataset files) into the folder `dst`, keeping their names."""
+  dst.mkdir(parents=True, exist_ok=True)
   for f in frames:
-    shutil.copy(f, dst)
+    epath.Path(f).copy(dst / os.path.basename(f), overwrite=True)
 
 
 def export_visrank(save_dir: str, dist: np.ndarray, query: Sequence[Any], gallery: Sequence[Any],
@@ -42,20 +44,21 @@ def export_visrank(save_dir: str, dist: np.ndarray, query: Sequence[Any], galler
 
   dist (Q, G). Returns the query folders written.
   """
-  if os.path.isdir(save_dir):
-    shutil.rmtree(save_dir)
-  os.makedirs(save_dir)
+  root = epath.Path(save_dir)
+  if root.is_dir():
+    root.rmtree()
+  root.mkdir(parents=True)
   g_pids = np.asarray([g.pid for g in gallery])
   g_cams = np.asarray([g.camid for g in gallery])
   n = len(query) if num_queries < 0 else min(num_queries, len(query))
   written = []
   for qi in range(n):
     q = query[qi]
-    qdir = os.path.join(save_dir, os.path.splitext(os.path.basename(q.frames[0]))[0])
-    _copy_frames(q.frames, os.path.join(qdir, "query_top000"))
+    qdir = root / os.path.splitext(os.path.basename(q.frames[0]))[0]
+    _copy_frames(q.frames, qdir / "query_top000")
     for rank, gi in enumerate(ranked_gallery(dist[qi], q.pid, q.camid, g_pids, g_cams, topk), 1):
       g = gallery[gi]
       suffix = "TRUE" if g.pid == q.pid else "FALSE"
-      _copy_frames(g.frames, os.path.join(qdir, f"gallery_top{rank:03d}_{suffix}"))
-    written.append(qdir)
+      _copy_frames(g.frames, qdir / f"gallery_top{rank:03d}_{suffix}")
+    written.append(str(qdir))
   return written

@@ -21,15 +21,16 @@
 Memory figures are drawn only for STMN variants that have that memory. `--split` picks the
 part of the test split the tracklet figures draw from (query | gallery | train, default
 gallery, which under the official protocols holds every test tracklet). All sample sizes live
-in `config.visualize`. Runs in one process.
+in `config.visualize`. Runs in one process. The workdirs may be local or `gs://...`: their files
+are read and written through `etils.epath` (`workdir_io`).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+import struct
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from etils import epath
 from flax import nnx
-from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
 from tensorboard.util import tensor_util
 
 from data_pipelines import pipeline
@@ -49,6 +51,7 @@ from stmn_jax import inference
 from stmn_jax import ranking
 from stmn_jax import sharding
 from stmn_jax import visrank
+from stmn_jax import workdir_io
 
 PARTS = ("query", "gallery", "train")
 DEFAULT_PART = "gallery"
@@ -61,7 +64,7 @@ FIGURES = ("memory_probs", "norm_change", "temporal_weights", "ranked_lists", "c
 
 
 def visualize_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "visualize")
+  return str(workdir_io.workdir_path(workdir) / "visualize")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -241,8 +244,8 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   are read too. A step written twice (a resumed run) keeps the last value.
   """
   data: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in event_file_loader.LegacyEventFileLoader(path).Load():
+  for path in sorted(workdir_io.workdir_path(workdir).glob("events.out.tfevents.*")):
+    for event in read_events(path):
       if not event.HasField("summary"):
         continue
       for value in event.summary.value:
@@ -259,6 +262,24 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         data.setdefault(value.tag, {})[int(event.step)] = x
   return {tag: (np.asarray(sorted(d), np.int64), np.asarray([d[s] for s in sorted(d)]))
           for tag, d in data.items()}
+
+
+def read_events(path: epath.Path) -> Iterator[event_pb2.Event]:
+  """The events of one TensorBoard event file, read through epath (local or `gs://`).
+
+  The file is a TFRecord file: per record a little-endian uint64 length, its masked CRC32, the
+  serialized `Event` and its masked CRC32 (the CRCs are not checked). A truncated last record
+  (a run still writing) ends the file, as in TensorBoard's reader.
+  """
+  data = path.read_bytes()
+  pos = 0
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack_from("<Q", data, pos)
+    start = pos + 12
+    if start + length + 4 > len(data):
+      return
+    yield event_pb2.Event.FromString(data[start:start + length])
+    pos = start + length + 4
 
 
 # ------------------------------------------------------------------------------ figures
@@ -325,7 +346,7 @@ def _memory_step(passes: Mapping[str, Any], picks, config, out_dir, labels):
       }
     panels.append(panel)
     numbers[name] = entry
-  png = figures.memory_probs_figure(os.path.join(out_dir, "memory_probs.png"), panels)
+  png = figures.memory_probs_figure(str(epath.Path(out_dir) / "memory_probs.png"), panels)
   return png, numbers
 
 
@@ -360,7 +381,8 @@ def _norm_change_step(clips, picks, clutter, tracklets, load, out_dir):
   titles = [f"pid {tracklets[t_idx[r]].pid}, camera {tracklets[t_idx[r]].camid} (clutter "
             f"{clutter[tracklets[t_idx[r]].camid]:.3f}), frames {frames[r].tolist()}"
             for r in first]
-  png = figures.norm_change_figure(os.path.join(out_dir, "norm_change.png"), images, change, titles)
+  png = figures.norm_change_figure(str(epath.Path(out_dir) / "norm_change.png"), images, change,
+                                  titles)
   numbers = {
       "camera_clutter": {str(k): s for k, s in clutter.items()},
       "tracklets": [{"tracklet": int(t_idx[r]), "frames": frames[r].tolist(),
@@ -419,7 +441,8 @@ def _temporal_step(clips, flagged_ids, picks, tracklets, meta, load, config, out
                    "weights": [weights[r].tolist() for r in clip_rows]})
   png = None
   if rows:
-    png = figures.temporal_weights_figure(os.path.join(out_dir, "temporal_weights.png"), rows)
+    png = figures.temporal_weights_figure(str(epath.Path(out_dir) / "temporal_weights.png"),
+                                          rows)
   else:
     logging.warning("temporal-weights figure: no tracklet of >= %d frames with the wanted "
                     "distractors; skipped", length)
@@ -440,8 +463,8 @@ def _ranking_step(state, test_split, config, mesh, out_dir, topk):
   g_cams = np.asarray([t.camid for t in gallery])
   rng = _rng(v.seed, 3)
   picks = np.sort(rng.choice(len(query), size=min(v.num_queries, len(query)), replace=False))
-  ranked_dir = os.path.join(out_dir, "ranked")
-  os.makedirs(ranked_dir, exist_ok=True)
+  ranked_dir = epath.Path(out_dir) / "ranked"
+  ranked_dir.mkdir(parents=True, exist_ok=True)
   pngs, lists = [], []
   for qi in picks:
     t = query[qi]
@@ -450,13 +473,13 @@ def _ranking_step(state, test_split, config, mesh, out_dir, topk):
                 "camera": int(gallery[gi].camid), "first_frame": gallery[gi].frames[0],
                 "distance": float(dist[qi, gi])} for r, gi in enumerate(idx)]
     name = os.path.splitext(os.path.basename(t.frames[0]))[0]
-    pngs.append(figures.ranked_list_png(os.path.join(ranked_dir, f"{name}.png"), t.frames[0],
+    pngs.append(figures.ranked_list_png(str(ranked_dir / f"{name}.png"), t.frames[0],
                                           t.pid, matches, config.data.height, config.data.width))
     lists.append({"query": int(qi), "pid": int(t.pid), "camera": int(t.camid),
                   "matches": matches})
-  png = figures.stack_pngs(pngs, os.path.join(out_dir, "ranked_lists.png")) if pngs else None
-  visrank_dir = os.path.join(out_dir, "visrank")
-  if query and os.path.isfile(query[0].frames[0]):
+  png = figures.stack_pngs(pngs, str(epath.Path(out_dir) / "ranked_lists.png")) if pngs else None
+  visrank_dir = str(epath.Path(out_dir) / "visrank")
+  if query and os.path.isfile(query[0].frames[0]):  # a dataset frame
     folders = visrank.export_visrank(visrank_dir, dist, query, gallery, topk, v.visrank_queries)
   else:
     logging.warning("visrank export skipped: frames are not files (config.data.source=%s)",
@@ -471,9 +494,8 @@ def _steps_per_epoch(workdir: str) -> int | None:
   """`steps_per_epoch` from W/results.json, or None (curves then use steps) when it is missing
   or unreadable."""
   try:
-    with open(os.path.join(workdir, "results.json")) as f:
-      return json.load(f).get("steps_per_epoch")
-  except (OSError, ValueError):
+    return json.loads((epath.Path(workdir) / "results.json").read_text()).get("steps_per_epoch")
+  except (*workdir_io.io_errors(), ValueError, AttributeError):
     return None
 
 
@@ -484,7 +506,8 @@ def _curves_step(workdir, compare_workdir, labels, out_dir):
   if not any(runs.values()):
     logging.warning("curves: no TensorBoard scalars in %s; skipped", workdir)
     return None, {"skipped": "no TensorBoard scalars"}
-  png = figures.curves_figure(os.path.join(out_dir, "curves.png"), runs, _steps_per_epoch(workdir))
+  png = figures.curves_figure(str(epath.Path(out_dir) / "curves.png"), runs,
+                              _steps_per_epoch(workdir))
   return png, {label: {"loss_tags": figures.loss_tags(s),
                        "mAP": {t: s[t][1].tolist() for t in s if t.endswith("_mAP")},
                        "mAP_steps": {t: s[t][0].tolist() for t in s if t.endswith("_mAP")}}
@@ -527,7 +550,7 @@ def visualize_mode(
   has_sm = bool(getattr(model, "use_spatial", False))
   has_tm = bool(getattr(model, "use_temporal", False))
   out_dir = visualize_dir(workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   tracklets = list(test_split.part(part))
   meta = synthetic_meta(config, tracklets)
   load = FrameLoader(tracklets, config)
@@ -575,9 +598,8 @@ def visualize_mode(
       workdir, compare_workdir, labels, out_dir)
   pngs = {k: p for k, p in pngs.items() if p}
   numbers["figures"] = pngs
-  path = os.path.join(out_dir, "visualize.json")
-  with open(path, "w") as f:
-    json.dump(numbers, f, indent=1)
+  path = str(epath.Path(out_dir) / "visualize.json")
+  workdir_io.write_text_atomic(path, json.dumps(numbers, indent=1))
   lines = [f"\nFigures of {workdir} ({label}) in {out_dir}:"]
   lines += [f"  {name}: {png}" for name, png in pngs.items()]
   tw = numbers.get("temporal_weights", {}).get("distractor_vs_clean", {}).get("any")

@@ -1,6 +1,9 @@
 """One run per workdir: an exclusive lock, taken before a run's work starts and held to its end.
 
-Files in the workdir:
+Local workdirs (and mounted ones: NFS, a GCS FUSE mount is not one, see below) use a kernel
+lock; object-store workdirs (`gs://...`, `workdir_io.is_local` False) a lock object.
+
+Files in a local workdir:
 - `.lock.flock`: an empty file that the kernel locks with `fcntl.lockf` (a POSIX record lock).
   The lock belongs to the process: it goes away when the process ends however it ends
   (kill -9 included), so it never stays behind. POSIX locks work on local filesystems and
@@ -21,6 +24,24 @@ nothing and never touch the lock files.
 
 Within one Python process a second lock of a held workdir is refused too (POSIX locks do not
 conflict inside one process).
+
+Object stores (`gs://`): `fcntl` cannot lock an object, and epath has no conditional write
+(create-if-absent), so the lock is the `.lock` object itself, holding the same JSON plus
+`heartbeat_unix`:
+- taking it: read `.lock`; a record whose heartbeat is younger than `STALE_S` refuses the run
+  (naming the holder); otherwise (none, or stale: the holder was killed or preempted) write
+  ours, wait `SETTLE_S`, read it back, and refuse the run if another run's record is there
+  now (last writer wins: of two runs that raced, the later write keeps the lock and the other
+  backs off);
+- holding it: a daemon thread rewrites `heartbeat_unix` every `HEARTBEAT_S`; if it finds
+  another run's record (it took over a lock it thought stale) it logs an error and stops;
+- releasing it: the heartbeat stops and `.lock` is deleted if it still names this run.
+What remains guaranteed: reads after writes are strongly consistent on GCS, so two runs are
+kept apart unless one of them takes more than `SETTLE_S` between reading `.lock` and writing
+its own (a stalled process) or stops heartbeating for `STALE_S` while alive. It is a
+best-effort guard against starting a second run by mistake, not a consensus protocol. After a
+kill the lock object stays for up to `STALE_S` (then the next run takes it over); delete it by
+hand (`gcloud storage rm WORKDIR/.lock`) to restart sooner.
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -42,46 +64,83 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from stmn_jax import errors
+from stmn_jax import workdir_io
 
 LOCK_FILE = ".lock"  # JSON: the holder
 FLOCK_FILE = ".lock.flock"  # what the kernel locks
 PAYLOAD_BYTES = 4096  # the decision of process 0 as broadcast (JSON, zero-padded)
 HOLDER_WAIT_S = 1.0  # a refused run waits this long for the holder to write `.lock`
+# Object stores (module docstring): heartbeat period, age of a dead lock, read-back delay.
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
+SETTLE_S = 2.0
 
 Broadcast = Callable[[np.ndarray], np.ndarray]
 
-_HELD: set[str] = set()  # real paths of the workdirs this process holds
+_HELD: set[str] = set()  # the workdirs this process holds (`_key`)
+
+
+def _key(workdir: str) -> str:
+  """What identifies a workdir in `_HELD`: its real path, or its URI in an object store."""
+  if workdir_io.is_local(workdir):
+    return os.path.realpath(workdir)  # a path string, not a file access
+  return str(workdir_io.workdir_path(workdir))
+
+
+def _lock_path(workdir: str) -> epath.Path:
+  return workdir_io.workdir_path(workdir) / LOCK_FILE
 
 
 @dataclasses.dataclass
 class WorkdirLock:
-  """A held workdir lock (`fd` is None on processes other than 0, and when not locked)."""
+  """A held workdir lock. Local: `fd`, the kernel-locked file; object store: `beat`, the
+  heartbeat's stop event. Both None on processes other than 0, and when not locked."""
 
   workdir: str
   run_id: str
   fd: int | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  beat: threading.Event | None = None
+  thread: threading.Thread | None = None
 
   @property
   def held(self) -> bool:
-    return self.fd is not None
+    return self.fd is not None or self.beat is not None
 
   def release(self) -> None:
     """Removes `.lock` and frees the lock (process 0; a no-op elsewhere and when released)."""
+    if self.beat is not None:
+      self._release_object()
     if self.fd is None:
       return
     try:
       with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(self.workdir, LOCK_FILE))
+        _lock_path(self.workdir).unlink()
     finally:
       fd, self.fd = self.fd, None
-      _HELD.discard(os.path.realpath(self.workdir))
+      _HELD.discard(_key(self.workdir))
       with contextlib.suppress(OSError):
         fcntl.lockf(fd, fcntl.LOCK_UN)
       os.close(fd)
+
+  def _release_object(self) -> None:
+    """Object store: stops the heartbeat and deletes `.lock` if it still names this run."""
+    beat, self.beat = self.beat, None
+    beat.set()
+    if self.thread is not None:
+      self.thread.join()
+    try:
+      holder = read_holder(self.workdir)
+      if holder is not None and holder.get("run_id") == self.run_id:
+        _lock_path(self.workdir).unlink(missing_ok=True)
+    except workdir_io.io_errors() as e:
+      logging.warning("workdir %s: could not remove the lock object: %s", self.workdir, e)
+    finally:
+      _HELD.discard(_key(self.workdir))
 
 
 # ------------------------------------------------------------------------------ the holder
@@ -96,28 +155,23 @@ def holder_info(workdir: str, mode: str = "", run_id: str = "") -> dict[str, Any
       "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
       "mode": mode,
       "run_id": run_id,
-      "workdir": os.path.abspath(workdir),
+      "workdir": str(workdir_io.workdir_path(workdir)),
   }
 
 
 def read_holder(workdir: str) -> dict[str, Any] | None:
   """The JSON of `WORKDIR/.lock`, or None when it is missing or unreadable."""
   try:
-    with open(os.path.join(workdir, LOCK_FILE)) as f:
-      info = json.load(f)
-  except (OSError, ValueError):
+    info = json.loads(_lock_path(workdir).read_text())
+  except (*workdir_io.io_errors(), ValueError):
     return None
   return info if isinstance(info, dict) else None
 
 
 def _write_holder(workdir: str, info: dict[str, Any]) -> None:
-  """Writes `.lock` atomically (a temporary file renamed over it)."""
-  path = os.path.join(workdir, LOCK_FILE)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes `.lock` atomically (`workdir_io.write_text_atomic`)."""
+  workdir_io.write_text_atomic(_lock_path(workdir), json.dumps(info, indent=2, sort_keys=True)
+                               + "\n")
 
 
 def _age(seconds: float) -> str:
@@ -142,25 +196,32 @@ def _describe_holder(info: dict[str, Any] | None) -> str:
 
 def locked_message(workdir: str, info: dict[str, Any] | None) -> str:
   """The refusal: names the workdir and the run that holds it."""
-  return (f"workdir {os.path.abspath(workdir)} is in use by {_describe_holder(info)}. One run "
-          "per workdir: wait for that run to end (or stop it), or pass another --workdir.")
+  message = (f"workdir {workdir_io.workdir_path(workdir)} is in use by {_describe_holder(info)}. "
+             "One run per workdir: wait for that run to end (or stop it), or pass another "
+             "--workdir.")
+  if not workdir_io.is_local(workdir):
+    message += (f" If that run is dead, its lock object expires {_age(STALE_S)} after its last "
+                f"heartbeat; delete {_lock_path(workdir)} to start sooner.")
+  return message
 
 
 # ------------------------------------------------------------------------------ process 0
 def _lock_here(workdir: str, create: bool, info: dict[str, Any]) -> WorkdirLock:
   """Takes the lock in this process and writes `.lock` (`info`); raises WorkdirLockedError
   naming the holder when another run (or this process) holds it."""
-  real = os.path.realpath(workdir)
-  if real in _HELD:
+  key = _key(workdir)
+  if key in _HELD:
     raise errors.WorkdirLockedError(
-        f"workdir {os.path.abspath(workdir)} is already locked by this process "
+        f"workdir {workdir_io.workdir_path(workdir)} is already locked by this process "
         f"(pid {os.getpid()}): one run per workdir")
   if create:
     try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
+      workdir_io.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+    except workdir_io.io_errors() as e:
       raise errors.WorkdirNotWritableError(f"cannot create workdir {workdir}: {e}") from e
-  try:
+  if not workdir_io.is_local(workdir):
+    return _lock_object(workdir, info)
+  try:  # a local file by construction: fcntl needs a file descriptor
     fd = os.open(os.path.join(workdir, FLOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise errors.WorkdirNotWritableError(f"cannot write to workdir {workdir}: {e}") from e
@@ -179,13 +240,62 @@ def _lock_here(workdir: str, create: bool, info: dict[str, Any]) -> WorkdirLock:
       holder = read_holder(workdir)
     raise errors.WorkdirLockedError(locked_message(workdir, holder)) from None
   lock = WorkdirLock(workdir=workdir, run_id=info["run_id"], fd=fd, info=info)
-  _HELD.add(real)
+  _HELD.add(key)
   try:
     _write_holder(workdir, info)
   except OSError as e:
     lock.release()
     raise errors.WorkdirNotWritableError(f"cannot write to workdir {workdir}: {e}") from e
   return lock
+
+
+# ------------------------------------------------------------------------------ object stores
+def _heartbeat_age(info: dict[str, Any]) -> float:
+  """Seconds since the holder's last heartbeat (its start when it has none)."""
+  last = info.get("heartbeat_unix", info.get("started_unix"))
+  return time.time() - last if isinstance(last, (int, float)) else float("inf")
+
+
+def _lock_object(workdir: str, info: dict[str, Any]) -> WorkdirLock:
+  """Takes the lock object of an object-store workdir (module docstring); raises
+  WorkdirLockedError naming the holder when a live run holds it or wins a race for it."""
+  holder = read_holder(workdir)
+  if holder is not None and _heartbeat_age(holder) <= STALE_S:
+    raise errors.WorkdirLockedError(locked_message(workdir, holder))
+  if holder is not None:
+    logging.warning("workdir %s: taking over the lock of %s: no heartbeat for %s", workdir,
+                    _describe_holder(holder), _age(_heartbeat_age(holder)))
+  info = dict(info, heartbeat_unix=time.time())
+  try:
+    _write_holder(workdir, info)
+  except workdir_io.io_errors() as e:
+    raise errors.WorkdirNotWritableError(f"cannot write to workdir {workdir}: {e}") from e
+  time.sleep(SETTLE_S)
+  now = read_holder(workdir)
+  if now is None or now.get("run_id") != info["run_id"]:
+    raise errors.WorkdirLockedError(locked_message(workdir, now))
+  lock = WorkdirLock(workdir=workdir, run_id=info["run_id"], info=info, beat=threading.Event())
+  lock.thread = threading.Thread(target=_beat, args=(workdir, info, lock.beat),
+                                 name=f"workdir_lock heartbeat {info['run_id']}", daemon=True)
+  _HELD.add(_key(workdir))
+  lock.thread.start()
+  return lock
+
+
+def _beat(workdir: str, info: dict[str, Any], stop: threading.Event) -> None:
+  """The heartbeat of a held lock object: rewrites `heartbeat_unix` every HEARTBEAT_S until
+  `stop`; stops with an error logged if another run's record replaced this one's."""
+  while not stop.wait(HEARTBEAT_S):
+    holder = read_holder(workdir)
+    if holder is not None and holder.get("run_id") != info["run_id"]:
+      logging.error("workdir %s: the lock of this run (%s) was taken over by %s; another run "
+                    "may be writing to this workdir", workdir, info["run_id"],
+                    _describe_holder(holder))
+      return
+    try:
+      _write_holder(workdir, dict(info, heartbeat_unix=time.time()))
+    except workdir_io.io_errors() as e:  # a transient error: the next beat tries again
+      logging.warning("workdir %s: lock heartbeat failed: %s", workdir, e)
 
 
 # ------------------------------------------------------------------------------ all processes
@@ -229,7 +339,7 @@ def acquire(
     try:
       if not workdir:
         raise errors.ConfigError("--workdir is empty")
-      if create or os.path.isdir(workdir):
+      if create or workdir_io.workdir_path(workdir).is_dir():
         info = dict(holder_info(workdir, mode, run_id), process_count=process_count)
         lock = _lock_here(workdir, create, info)
         if check is not None:

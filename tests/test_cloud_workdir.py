@@ -1,0 +1,183 @@
+"""Workdirs in a bucket (`gs://...`), offline, through the fake Cloud Storage of `tests/cloud_fs.py`.
+
+There `gs://` paths reach a local folder through `etils.epath` only (os-level access to a
+`gs://` string fails), so each test proves that the code under test read and wrote the workdir
+through epath: the lock object, results.json, extracted features, figures, visrank folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import types
+
+import numpy as np
+import pytest
+
+from stmn_jax import errors
+from stmn_jax import features_io
+from stmn_jax import figures
+from stmn_jax import results as results_lib
+from stmn_jax import visrank
+from stmn_jax import workdir_io
+from stmn_jax import workdir_lock
+from tests import cloud_fs
+
+W = "gs://bucket/runs/w"
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+  with cloud_fs.fake_gcs(tmp_path / "gcs", tmp_path / "cwd", monkeypatch) as fs:
+    yield fs
+
+
+def _local(fs, *parts):
+  return os.path.join(fs.local(W), *parts)
+
+
+def test_the_fake_bucket_is_reached_through_epath_only(gcs):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  (epath.Path(W) / "a").mkdir(parents=True)
+  (epath.Path(W) / "a" / "x.txt").write_text("x")
+  assert open(_local(gcs, "a", "x.txt")).read() == "x"
+  with pytest.raises(NotADirectoryError):  # what os-level code on the URI meets
+    os.makedirs(W, exist_ok=True)
+  with pytest.raises(NotADirectoryError):
+    open(f"{W}/results.json", "w")
+  assert not workdir_io.is_local(W) and workdir_io.is_local("w") and workdir_io.is_local("/w")
+  assert str(workdir_io.workdir_path(W)) == W
+  assert str(workdir_io.workdir_path("w")) == os.path.join(os.getcwd(), "w")
+
+
+def test_results_json_in_a_bucket(gcs):
+  workdir_io.workdir_path(W).mkdir(parents=True)  # what the lock does (a folder of the fake)
+  results_lib.check_writable(W)
+  assert not os.path.exists(_local(gcs, "results.json"))  # the probe leaves nothing behind
+  path = results_lib.write_results(W, {"step": 3, "mAP": np.float32(0.5)})
+  assert path == f"{W}/results.json"
+  assert json.loads(open(_local(gcs, "results.json")).read()) == {"mAP": 0.5, "step": 3}
+  assert sorted(os.listdir(gcs.local(W))) == ["results.json"]  # one object write, no temp file
+  assert ("open:w", f"{W}/results.json") in gcs.calls
+  assert not any(fn in ("rename", "replace") for fn, _ in gcs.calls)
+
+
+def test_lock_object_in_a_bucket(gcs, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "SETTLE_S", 0.01)
+  held = set()  # this test's own record of the workdirs this process holds
+  monkeypatch.setattr(workdir_lock, "_HELD", held)
+  lock = workdir_lock.acquire(W, mode="train")
+  try:
+    assert lock.held and lock.fd is None
+    info = workdir_lock.read_holder(W)
+    assert info["run_id"] == lock.run_id and info["host"] == socket.gethostname()
+    assert info["workdir"] == W and isinstance(info["heartbeat_unix"], float)
+    assert sorted(os.listdir(gcs.local(W))) == [".lock"]  # no flock file, no temp file
+    with pytest.raises(errors.WorkdirLockedError, match="already locked by this process"):
+      workdir_lock.acquire(W)
+    # Another process's view: a live record refuses the run, naming it and the lock object.
+    held.clear()
+    with pytest.raises(errors.WorkdirLockedError) as refused:
+      workdir_lock.acquire(W, mode="eval")
+    assert f"workdir {W} is in use by another run (--mode=train, pid {os.getpid()}" \
+        in str(refused.value)
+    assert f"delete {W}/.lock to start sooner" in str(refused.value)
+  finally:
+    lock.release()
+  assert not lock.held and os.listdir(gcs.local(W)) == []  # released: the object is deleted
+  # A missing workdir is left alone by the modes that do not create one.
+  assert not workdir_lock.acquire("gs://bucket/nowhere", create=False).held
+  assert not os.path.exists(gcs.local("gs://bucket/nowhere"))
+
+
+def _write_record(fs, **fields):
+  info = dict({"pid": 1, "host": "elsewhere", "mode": "train", "run_id": "other",
+               "started_unix": time.time()}, **fields)
+  os.makedirs(fs.local(W), exist_ok=True)
+  with open(_local(fs, ".lock"), "w") as f:
+    json.dump(info, f)
+
+
+def test_stale_lock_object_is_taken_over(gcs, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "SETTLE_S", 0.01)
+  _write_record(gcs, heartbeat_unix=time.time() - workdir_lock.STALE_S + 60)
+  with pytest.raises(errors.WorkdirLockedError, match="pid 1 on host elsewhere"):
+    workdir_lock.acquire(W)
+  _write_record(gcs, heartbeat_unix=time.time() - workdir_lock.STALE_S - 60)  # dead holder
+  with workdir_lock.locked(W, mode="eval") as lock:
+    assert workdir_lock.read_holder(W)["run_id"] == lock.run_id
+  assert not os.path.exists(_local(gcs, ".lock"))
+
+
+def test_lock_object_race_lost(gcs, monkeypatch):
+  """Two runs that both saw no lock: the later write wins, the earlier run backs off."""
+
+  def rival_writes(seconds):  # another run writes its record while this one settles
+    del seconds
+    _write_record(gcs, heartbeat_unix=time.time())
+
+  monkeypatch.setattr(workdir_lock, "time", types.SimpleNamespace(
+      time=time.time, sleep=rival_writes, monotonic=time.monotonic))
+  with pytest.raises(errors.WorkdirLockedError, match="pid 1 on host elsewhere"):
+    workdir_lock.acquire(W)
+  assert workdir_lock.read_holder(W)["run_id"] == "other"  # the winner's record stays
+  assert not workdir_lock._HELD  # pylint: disable=protected-access
+
+
+def test_lock_object_heartbeat(gcs, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "SETTLE_S", 0.01)
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+  lock = workdir_lock.acquire(W)
+  try:
+    first = workdir_lock.read_holder(W)["heartbeat_unix"]
+    deadline = time.monotonic() + 60
+    while workdir_lock.read_holder(W)["heartbeat_unix"] == first:
+      assert time.monotonic() < deadline, "no heartbeat in 60 s"
+      time.sleep(0.05)
+  finally:
+    lock.release()
+  assert not lock.thread.is_alive() and not os.path.exists(_local(gcs, ".lock"))
+
+
+class _Tracklet:
+  def __init__(self, pid, camid, frames):
+    self.pid, self.camid, self.frames, self.num_frames = pid, camid, frames, len(frames)
+
+
+def test_features_figures_and_visrank_in_a_bucket(gcs, tmp_path):
+  frames_dir = tmp_path / "frames"  # dataset frames stay local
+  frames_dir.mkdir()
+  tracklets = []
+  for i in range(3):
+    frame = frames_dir / f"t{i}_f0.jpg"
+    frame.write_bytes(b"not a real jpeg")
+    tracklets.append(_Tracklet(i % 2, i, [str(frame)]))
+  feats = np.arange(6, dtype=np.float32).reshape(3, 2)
+  npy = f"{W}/features/query.npy"
+  assert features_io.write_features(npy, feats, ["a", "b", "c"], tracklets) == (
+      npy, f"{W}/features/query.csv")
+  np.testing.assert_array_equal(np.load(_local(gcs, "features", "query.npy")), feats)
+  got, pids, cams = features_io.read_arrays(npy, mmap=True)
+  np.testing.assert_array_equal(got, feats)
+  assert pids.tolist() == [0, 1, 0] and cams.tolist() == [0, 1, 2]
+  with pytest.raises(features_io.MissingFileError, match=f"{W}/features/gallery.npy"):
+    features_io.read_features(f"{W}/features/gallery.npy")
+  # Figures: a ranked list, and the stack that reads it back.
+  (workdir_io.workdir_path(W) / "v").mkdir()  # the modes make their folders first
+  matches = [{"rank": 1, "pid": 1, "distance": 0.5, "first_frame": tracklets[1].frames[0]}]
+  png = figures.ranked_list_png(f"{W}/v/a.png", tracklets[0].frames[0], 0, matches, 16, 8)
+  stacked = figures.stack_pngs([png, png], f"{W}/v/both.png")
+  for name in ("a.png", "both.png"):
+    assert open(_local(gcs, "v", name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert stacked == f"{W}/v/both.png"
+  # visrank: torchreid's folders, frames copied from the dataset into the bucket.
+  dist = np.asarray([[0.0, 0.2, 0.1]], np.float32)
+  written = visrank.export_visrank(f"{W}/visrank", dist, tracklets[:1], tracklets, topk=2)
+  assert written == [f"{W}/visrank/t0_f0"]
+  assert sorted(os.listdir(_local(gcs, "visrank", "t0_f0"))) == [
+      "gallery_top001_TRUE", "gallery_top002_FALSE", "query_top000"]
+  assert os.listdir(_local(gcs, "visrank", "t0_f0", "gallery_top001_TRUE")) == ["t2_f0.jpg"]
+  assert not os.path.exists(tmp_path / "cwd" / "features")
