@@ -72,6 +72,8 @@ def chunk_sizes(batch: int, groups: int) -> Groups:
 def tracklet_groups(batch: int, groups: int) -> Groups | None:
   """The ghost-BN groups of `batch` tracklets split into `groups` (`chunk_sizes`); None when that
   is one group (the whole-batch code path)."""
+  if groups == 1:  # no need to look at the batch, which may be symbolic (SavedModel export)
+    return None
   sizes = chunk_sizes(batch, groups)
   return sizes if len(sizes) > 1 else None
 
