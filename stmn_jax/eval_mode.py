@@ -32,7 +32,6 @@ of the same name replaces it, as a later same-dataset eval replaces results.json
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -48,6 +47,7 @@ from stmn_jax import evaluators
 from stmn_jax import inference
 from stmn_jax import ranking
 from stmn_jax import results as results_lib
+from stmn_jax import workdir_io
 
 # Fields of the eval config's `data` section that say where its frames are (the rest of
 # `data` is the model's input pipeline and comes from the training config).
@@ -101,18 +101,15 @@ def cross_results_path(workdir: str, dataset_name: str) -> epath.Path:
 
 
 def write_json(path: epath.Path, summary: Mapping[str, Any]) -> epath.Path:
-  """Writes `summary` (through `ranking.json_ready`) to `path` on process 0, atomically (a
-  temporary file replaces it); raises WorkdirNotWritableError naming the path when it cannot."""
+  """Writes `summary` (through `ranking.json_ready`) to `path` on process 0, atomically
+  (`workdir_io.write_text_atomic`, as results.json); raises WorkdirNotWritableError naming the
+  path when it cannot."""
   if jax.process_index() == 0:
-    tmp = path.parent / f"{path.name}.{os.getpid()}.tmp"
+    text = json.dumps(ranking.json_ready(summary), indent=2, sort_keys=True)
     try:
-      tmp.write_text(json.dumps(ranking.json_ready(summary), indent=2, sort_keys=True))
-      tmp.replace(path)
-    except OSError as e:
+      workdir_io.write_text_atomic(path, text)
+    except workdir_io.io_errors() as e:
       raise errors.WorkdirNotWritableError(f"cannot write {path}: {e}") from e
-    finally:
-      with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)
   return path
 
 
@@ -130,13 +127,13 @@ def cross_dataset_eval(config: ml_collections.ConfigDict, workdir: str, eval_con
   res = evaluator.run(run.state, test.query, test.gallery)
   print(f"\nTest results on {cross.dataset.name} (trained on {config.dataset.name}; "
         f"{run.checkpoint}):\n{ranking.format_table(res)}", flush=True)
+  path = cross_results_path(workdir, cross.dataset.name)
   summary = {
       "mode": "eval", "test_checkpoint": run.checkpoint, "step": run.step,
       "train_dataset": config.dataset.name, "train_dataset_root": config.dataset.root,
       "eval_dataset": cross.dataset.name, "eval_dataset_root": cross.dataset.root,
       "eval_config": eval_config, "num_query": len(test.query),
-      "num_gallery": len(test.gallery), "test": res,
+      "num_gallery": len(test.gallery), "test": res, "results_file": os.fspath(path),
   }
-  summary["results_file"] = os.fspath(cross_results_path(workdir, cross.dataset.name))
-  write_json(cross_results_path(workdir, cross.dataset.name), summary)
+  write_json(path, summary)
   return summary
