@@ -21,8 +21,9 @@ it means the eval config was not meant for this model (e.g. `configs/dukev.py` f
 trained with `:smoke`; pass `configs/dukev.py:smoke`).
 
 The eval dataset is read from the eval config's `config.dataset.root` (relative to the working
-directory, as `--config`'s; e.g. `data/DukeMTMC-VideoReID`). For another place, a config file
-of two lines that imports the dataset's config and sets `config.dataset.root`.
+directory, as `--config`'s; e.g. `data/DukeMTMC-VideoReID`); `--config.dataset.*` overrides
+reach only the training config. For another place, a config file of a few lines that calls the
+dataset config's `get_config(arg)` and sets `config.dataset.root`.
 
 Cross-dataset results go to `W/results_<eval dataset name>.json` (e.g. `results_dukev.json`),
 never to `W/results.json`, which keeps the same-dataset results; the file names both datasets

@@ -164,6 +164,7 @@ def test_eval_on_another_dataset_names_both_and_keeps_results_json(trained, b_sp
 def test_main_eval_config_flag(trained, direct, monkeypatch):
   """main.py's flags, parsed in this process: --eval_config reaches the eval mode."""
   config, workdir, eval_file = trained
+  monkeypatch.chdir(REPO)  # main.py's default config path, loaded when its flags are defined
   main_py = importlib.import_module("main")
   if "eval_config" not in flags.FLAGS:
     main_py.define_flags()
@@ -176,7 +177,6 @@ def test_main_eval_config_flag(trained, direct, monkeypatch):
           "--config.train.select_on=none", "--config.eval.sampling=rrs",
           "--config.eval.flip=False", f"--workdir={workdir}", "--mode=eval",
           f"--eval_config={eval_file}:smoke"]
-  monkeypatch.chdir(REPO)
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
   try:
     flags.FLAGS(argv)
