@@ -2,7 +2,8 @@
 
 `configs/<dataset>.py:get_config(arg)` calls `build(arg, dataset=...)`, which starts from the
 paper's settings (`configs/default.py`), applies the dataset's settings, then the words:
-a model name (see `MODEL_PRESETS`, default `stmn`) and `smoke` for a tiny CPU run.
+a model name (see `MODEL_PRESETS`, default `stmn`), `smoke` for a tiny CPU run and `official`
+for the authors' released run (`OFFICIAL_FIELDS`; docs/FAITHFULNESS.md).
 """
 
 from __future__ import annotations
@@ -27,9 +28,59 @@ MODEL_PRESETS: dict[str, dict] = {
     "sta": dict(name="sta"),
 }
 
-# Option words. `smoke` works for every dataset config; the others only for a dataset config
-# that passes a function for them to `build(..., options=...)` (e.g. `ablation` in synthetic.py).
-OPTION_WORDS = ("smoke", "ablation")
+# Option words. `smoke` and `official` work for every dataset config (`GENERIC_WORDS`); the
+# others only for a dataset config that passes a function for them to `build(..., options=...)`
+# (e.g. `ablation` in synthetic.py).
+GENERIC_WORDS = ("smoke", "official")
+OPTION_WORDS = (*GENERIC_WORDS, "ablation")
+
+# The `official` word: the behaviours of the authors' released run (cvlab-yonsei/STMN: train.sh,
+# main.py, util/utils.py, model/memory.py, model/network.py) where they differ from the paper,
+# one config field each (docs/FAITHFULNESS.md sets each against the paper default). Only
+# behaviours, never sizes: the word leaves batch, L, frame size, epochs, steps and the evaluation
+# interval to the defaults (which are train.sh's: 8 ids x 4 tracklets x L = 6 at 256x128, Adam
+# lr 1e-4 with coupled weight decay 1e-5, x0.1 every 50 epochs, 200 epochs, an evaluation every
+# 10 epochs) and to `smoke` and overrides, so it composes with both. ImageNet weights are a file
+# (`--config.model.pretrained=...`, torchvision's resnet50 as main.py loads), never downloaded.
+OFFICIAL_FIELDS: dict[str, object] = {
+    # The three model switches (model/resnet.py, model/memory.py at HEAD 9e0c8e8).
+    "model.stem_relu": False,  # conv1 -> bn1 -> maxpool, no ReLU
+    "model.smem_layout": "nchw_flat",  # key_s reshaped (-1, 2048) without the NHWC permute
+    "model.memory_similarity": "code",  # F.normalize(key.t(), dim=1): keys normalised over slots
+    # Item 1: train.sh trains on all ids (no hold-out).
+    "dataset.num_val_ids": 0,
+    # Item 2: main.py keeps the best R1 on the test set (`if cmc >= best_cmc`), scored by
+    # test_rrs (one clip: the first frame of each of the L chunks, no flip), never after the last
+    # epoch; the epochs scored are `train.eval_epoch_offset` (`apply_official`).
+    "train.select_on": "test",
+    "train.select_metric": "R1",
+    "train.select_ties": "last",
+    "train.select_sampling": "rrs",
+    "train.select_flip": "off",
+    "train.eval_at_end": False,
+    # Item 3: nn.DataParallel on gpu_id '0,1,2': BN statistics and mem_trip per chunk of the batch
+    # (torch.chunk: 32 -> 11/11/10); replica 0's chunk updates the running statistics.
+    "model.bn_groups": 3,
+    "model.bn_running_stats": "first_group",
+    # Item 4: main.py:test_all pads a tracklet shorter than L with its current second-to-last
+    # frame (n = 3, L = 6: 0 1 2 1 2 1).
+    "eval.short_padding": "official",
+    # Item 5: nn.LSTM's two bias vectors, bias_ih and bias_hh.
+    "model.lstm_biases": 2,
+    # Item 6: PyTorch's BatchNorm keeps the unbiased batch variance as running variance.
+    "model.bn_running_var": "unbiased",
+    # Item 7: util/utils.py:RandomErasing draws the aspect ratio from U(0.3, 1 / 0.3).
+    "data.erasing_aspect": (0.3, 1 / 0.3),
+}
+# Item 2, the epochs scored: main.py's loop `for epoch in range(1, n_epochs + 1)` runs test_rrs
+# when (epoch + 1) % eval_freq == 0 BEFORE training epoch `epoch`, so it scores the weights after
+# c = epoch - 1 completed epochs, every c with (c + 2) % eval_freq == 0: 8, 18, ..., 198 of 200
+# for eval_freq 10. `train.eval_epoch_offset` is that 2 modulo the interval, kept as a reference
+# to `train.eval_every_epochs` so that `smoke` (an interval of 1) and a command-line interval stay
+# official.
+OFFICIAL_EVAL_LAG = 2
+# The official code is STMN's: the word applies to the presets of model "stmn" only.
+OFFICIAL_MODELS = ("stmn",)
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
@@ -89,6 +140,36 @@ def apply_cpu_size(
   config.data.eval_batch_size = eval_batch_size
 
 
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets `config.<dotted>`; a field that `configs/default.py` does not define is a KeyError
+  naming it (so a renamed field cannot be set silently as a new one)."""
+  *parents, name = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if name not in node:
+    raise KeyError(f"config.{dotted}: no such field in configs/default.py")
+  node[name] = value
+
+
+def apply_official(config: ml_collections.ConfigDict) -> None:
+  """The `official` word: every field of `OFFICIAL_FIELDS`, and `train.eval_epoch_offset` as
+  `OFFICIAL_EVAL_LAG` modulo `train.eval_every_epochs` (a reference: it follows the interval
+  until the offset itself is overridden). Refuses a model whose registry name
+  is not STMN's (DRSA, STA): the released code is STMN's, so there is no official run of them."""
+  if config.model.name not in OFFICIAL_MODELS:
+    allowed = [w for w, p in MODEL_PRESETS.items() if p["name"] in OFFICIAL_MODELS]
+    raise ValueError(
+        f"config word 'official' reproduces the released STMN code (cvlab-yonsei/STMN) and "
+        f"needs an STMN model word ({', '.join(allowed)}); got {config.model.preset!r} (model "
+        f"{config.model.name!r}), which has no official run"
+    )
+  for dotted, value in OFFICIAL_FIELDS.items():
+    set_field(config, dotted, value)
+  every = config.train.get_ref("eval_every_epochs")
+  config.train.eval_epoch_offset = (every + OFFICIAL_EVAL_LAG) % every
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """A tiny configuration that runs end to end on a 2-core CPU in seconds."""
   apply_cpu_size(config, width=0.125, ids_per_batch=4, tracklets_per_id=2, eval_batch_size=8)
@@ -111,16 +192,18 @@ def build(
 ) -> ml_collections.ConfigDict:
   """The paper's defaults, then the dataset's settings, then the words of `arg`.
 
-  `options` maps dataset-specific option words (other than `smoke`) to the function that applies
-  them, after the model preset; a word this dataset config does not define raises a ValueError.
+  `options` maps dataset-specific option words (other than `smoke` and `official`) to the
+  function that applies them, after the model preset; a word this dataset config does not define
+  raises a ValueError. `smoke` comes next (sizes), `official` last (behaviours only), so that
+  `official` wins over a dataset's smoke hold-out and `smoke`'s sizes stay.
   """
   model, words = parse_arg(arg)
   options = options or {}
-  unsupported = sorted(w for w in words if w != "smoke" and w not in options)
+  unsupported = sorted(w for w in words if w not in GENERIC_WORDS and w not in options)
   if unsupported:
     raise ValueError(
         f"config word(s) {unsupported} are not defined for this dataset config "
-        f"(it defines: {', '.join(['smoke', *options]) })"
+        f"(it defines: {', '.join([*GENERIC_WORDS, *options]) })"
     )
   config = default.get_config()
   dataset(config)
@@ -132,5 +215,7 @@ def build(
     apply_smoke(config)
     if smoke_dataset is not None:
       smoke_dataset(config)
+  if "official" in words:
+    apply_official(config)
   config.arg = arg or ""
   return config
