@@ -42,6 +42,8 @@ OPTION_WORDS = (*GENERIC_WORDS, "ablation")
 # lr 1e-4 with coupled weight decay 1e-5, x0.1 every 50 epochs, 200 epochs, an evaluation every
 # 10 epochs) and to `smoke` and overrides, so it composes with both. ImageNet weights are a file
 # (`--config.model.pretrained=...`, torchvision's resnet50 as main.py loads), never downloaded.
+# The authors released a MARS run only; on the other datasets the word applies the same code
+# behaviours to that dataset's settings.
 OFFICIAL_FIELDS: dict[str, object] = {
     # The three model switches (model/resnet.py, model/memory.py at HEAD 9e0c8e8).
     "model.stem_relu": False,  # conv1 -> bn1 -> maxpool, no ReLU

@@ -1,4 +1,4 @@
-"""DukeMTMC-VideoReID: `--config=configs/dukev.py[:model][,smoke]`."""
+"""DukeMTMC-VideoReID: `--config=configs/dukev.py[:model][,smoke][,official]`."""
 
 from configs import common
 

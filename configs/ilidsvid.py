@@ -1,4 +1,4 @@
-"""iLIDS-VID: `--config=configs/ilidsvid.py[:model][,smoke]`; pick the split with
+"""iLIDS-VID: `--config=configs/ilidsvid.py[:model][,smoke][,official]`; pick the split with
 `--config.dataset.split_id=0..9`."""
 
 from configs import common

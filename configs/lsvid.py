@@ -1,4 +1,4 @@
-"""LS-VID (Li et al., ICCV 2019): `--config=configs/lsvid.py[:model][,smoke]`."""
+"""LS-VID (Li et al., ICCV 2019): `--config=configs/lsvid.py[:model][,smoke][,official]`."""
 
 from configs import common
 

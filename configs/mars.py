@@ -1,4 +1,10 @@
-"""MARS (Zheng et al., ECCV 2016): `--config=configs/mars.py[:model][,smoke]`."""
+"""MARS (Zheng et al., ECCV 2016): `--config=configs/mars.py[:model][,smoke][,official]`.
+
+`configs/mars.py:stmn,official` is the authors' released run (cvlab-yonsei/STMN `train.sh`): all
+625 ids train and the checkpoint is picked on the test set; every field it sets is in
+`configs/common.py:OFFICIAL_FIELDS` (docs/FAITHFULNESS.md). As for the paper default, pass
+torchvision's ImageNet ResNet-50 with `--config.model.pretrained=resnet50.pth`.
+"""
 
 from configs import common
 

@@ -1,4 +1,4 @@
-"""PRID2011: `--config=configs/prid2011.py[:model][,smoke]`; pick the split with
+"""PRID2011: `--config=configs/prid2011.py[:model][,smoke][,official]`; pick the split with
 `--config.dataset.split_id=0..9`."""
 
 from configs import common
