@@ -55,7 +55,9 @@ _DTYPES = {
 def onnx_dtype(dtype: Any) -> int:
   dtype = np.dtype(dtype)
   if dtype not in _DTYPES:
-    raise NotImplementedError(f"ONNX export: dtype {dtype} is not supported")
+    raise NotImplementedError(
+        f"ONNX export: dtype {dtype} is not supported (a bfloat16 model exports with "
+        "--config.model.dtype=float32: the parameters are float32 either way)")
   return _DTYPES[dtype]
 
 
@@ -227,6 +229,8 @@ def _broadcast_in_dim(g, x, eqn):
 
 
 def _squeeze(g, x, eqn):
+  if not eqn.params["dimensions"]:  # ONNX Squeeze without axes would drop every 1
+    return g.op("Identity", x)
   return g.op("Squeeze", [x[0], g.ints(eqn.params["dimensions"])])
 
 
@@ -239,7 +243,12 @@ def _transpose(g, x, eqn):
 
 
 def _reduce(op_type: str) -> Rule:
-  return lambda g, x, eqn: g.op(op_type, [x[0], g.ints(eqn.params["axes"])], keepdims=0)
+  def rule(g, x, eqn):
+    if not eqn.params["axes"]:  # ONNX reduces every axis when given none
+      return g.op("Identity", x)
+    return g.op(op_type, [x[0], g.ints(eqn.params["axes"])], keepdims=0)
+
+  return rule
 
 
 def _argmax(g, x, eqn):
