@@ -200,3 +200,95 @@ def test_bfloat16_memories_address_and_weight_frames_in_float32(similarity):
   got = np.asarray(grad["mem_values"][...], np.float64)
   rel = np.linalg.norm(got - expected_dv) / np.linalg.norm(expected_dv)
   assert rel <= 1e-4, rel
+
+
+def _two_bias_memory(d=8, n=3, length=4):
+  return memory.TemporalMemory(d, n, length, lstm_biases=2, rngs=nnx.Rngs(3))
+
+
+def test_two_bias_lstm_forward_is_the_one_bias_lstm_with_the_summed_bias():
+  """`lstm_biases=2`: the same kernels and bias_hh as the one-bias cell drawn from the same
+  rngs, a separate bias_ih, both U(-k, k), and the forward pass of b_ih + b_hh as one bias."""
+  d, length = 8, 4
+  two = _two_bias_memory(d, 3, length)
+  one = memory.TemporalMemory(d, 3, length, rngs=nnx.Rngs(3))
+  assert isinstance(two.lstm, memory.TwoBiasLSTMCell)
+  assert type(one.lstm) is nnx.OptimizedLSTMCell
+  np.testing.assert_array_equal(two.lstm.dense_i.kernel[...], one.lstm.dense_i.kernel[...])
+  np.testing.assert_array_equal(two.lstm.dense_h.kernel[...], one.lstm.dense_h.kernel[...])
+  np.testing.assert_array_equal(two.lstm.dense_h.bias[...], one.lstm.dense_h.bias[...])
+  b_ih, b_hh = np.asarray(two.lstm.bias_ih[...]), np.asarray(two.lstm.dense_h.bias[...])
+  k = 1.0 / d ** 0.5
+  assert b_ih.shape == (4 * d,) and np.all(np.abs(b_ih) <= k) and np.all(np.abs(b_hh) <= k)
+  assert not np.allclose(b_ih, b_hh)
+  params = nnx.state(two, nnx.Param)
+  assert "bias_ih" in params["lstm"] and "bias" in params["lstm"]["dense_h"]
+  # one-bias memory with every parameter of `two`, its bias = b_ih + b_hh
+  one.lstm.dense_h.bias[...] = jnp.asarray(b_ih + b_hh)
+  for name in ("mem_keys", "mem_values"):
+    getattr(one, name)[...] = getattr(two, name)[...]
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(3, length, d)), jnp.float32)
+  f = jnp.asarray(rng.normal(size=(3, length, d)), jnp.float32)
+  for a, b in zip(two(q, f), one(q, f)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="lstm_biases"):
+    memory.TemporalMemory(d, 3, length, lstm_biases=3, rngs=nnx.Rngs(0))
+
+
+def test_two_bias_lstm_adam_step_moves_each_bias_by_its_own_update():
+  """One step of the project's optimizer (train_state.create_optimizer: coupled L2 + Adam):
+  both biases get the gradient of the summed bias, plus each its own weight decay term, and
+  each moves by its own Adam update, -lr * g / (|g| + eps) at the first step."""
+  from configs import mars
+  from stmn_jax import train_state
+
+  config = mars.get_config("stmn")
+  config.optim.weight_decay = 0.05  # large enough that the two updates differ visibly
+  lr, eps = config.optim.learning_rate, 1e-8
+  tx, _ = train_state.create_optimizer(config, steps_per_epoch=10)
+  mem = _two_bias_memory()
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
+  f = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  loss = lambda m: jnp.vdot(cot, m(q, f)[0])
+  grads = nnx.grad(loss)(mem)
+  # the gradient of a one-bias LSTM with the summed bias, computed apart
+  one = memory.TemporalMemory(8, 3, 4, rngs=nnx.Rngs(3))
+  nnx.update(one, nnx.state(mem, nnx.Param).filter(lambda p, _: "bias_ih" not in p))
+  before_ih = np.asarray(mem.lstm.bias_ih[...], np.float64)
+  before_hh = np.asarray(mem.lstm.dense_h.bias[...], np.float64)
+  one.lstm.dense_h.bias[...] = jnp.asarray(before_ih + before_hh, jnp.float32)
+  g_sum = np.asarray(nnx.grad(loss)(one).lstm.dense_h.bias[...], np.float64)
+  np.testing.assert_allclose(grads.lstm.bias_ih[...], g_sum, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads.lstm.dense_h.bias[...], g_sum, rtol=1e-5, atol=1e-7)
+  optimizer = nnx.Optimizer(mem, tx, wrt=nnx.Param)
+  optimizer.update(mem, grads)
+  for before, after in ((before_ih, mem.lstm.bias_ih[...]), (before_hh, mem.lstm.dense_h.bias[...])):
+    g = g_sum + config.optim.weight_decay * before
+    expected_step = -lr * g / (np.abs(g) + eps)
+    # float32 parameters of ~0.3: one rounding is ~3e-8, 0.03% of lr
+    np.testing.assert_allclose(np.asarray(after, np.float64) - before, expected_step, rtol=0,
+                               atol=1e-3 * lr)
+  moved = (np.asarray(mem.lstm.bias_ih[...]) - before_ih) + (
+      np.asarray(mem.lstm.dense_h.bias[...]) - before_hh)
+  assert np.max(np.abs(moved)) > 1.9 * lr  # the sum moves by up to 2 lr
+
+
+@pytest.mark.parametrize("running_var", ["biased", "unbiased"])
+def test_readout_bn_running_variance(running_var):
+  """The read-out BN's running variance: m * 1 + (1 - m) * v, v the batch variance of the
+  N*h*w read-out rows, times n / (n - 1) with "unbiased" (PyTorch's)."""
+  smem = memory.SpatialMemory(8, 4, bn_running_var=running_var, rngs=nnx.Rngs(0))
+  smem.train()
+  rng = np.random.default_rng(2)
+  query = rng.normal(size=(3, 2, 2, 8)).astype(np.float32)
+  smem(jnp.asarray(query), jnp.asarray(query))
+  rows = _softmax(_np_logits(query.reshape(-1, 8).astype(np.float64),
+                             np.asarray(smem.mem_keys[...], np.float64), "cosine"))
+  readout = rows @ np.asarray(smem.mem_values[...], np.float64)
+  n = readout.shape[0]
+  var = readout.var(0) * (n / (n - 1) if running_var == "unbiased" else 1.0)
+  np.testing.assert_allclose(smem.bn.var[...], 0.9 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(smem.bn.mean[...], 0.1 * readout.mean(0), rtol=1e-5, atol=1e-7)

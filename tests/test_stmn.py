@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import mars
 from stmn_jax import losses, models
-from stmn_jax.models import memory, resnet, stmn, torchvision_weights
+from stmn_jax.models import batch_norm, memory, resnet, stmn, torchvision_weights
 
 B, L, H, W = 2, 4, 64, 32
 C = 5
@@ -240,3 +240,117 @@ def test_resnet50_stmn_parameter_count_via_eval_shape():
   base = summarize(mars.get_config("baseline"), 625)
   assert base["trainable"] == s["trainable"] - 2 * layer4 - sum(
       parts[k]["Param"] for k in ("spatial_memory", "temporal_memory"))
+
+
+# ------------------------------------------------------------------------------ issue 15: 5, 6
+def test_every_batchnorm_follows_the_config_fields():
+  """bn_running_var / bn_running_stats reach every BN of STMN, DRSA (with its attention BNs)
+  and STA: backbone (XLA:CPU rewrite) and heads (stock code)."""
+  for name in ("stmn", "drsa", "sta"):
+    config = mars.get_config(f"{name},smoke")
+    config.model.bn_running_var = "unbiased"
+    config.model.bn_running_stats = "first_group"
+    if name == "drsa":
+      config.model.drsa.attention_bn = True
+    model = nnx.eval_shape(lambda: models.create_model(config, C, nnx.Rngs(0)))
+    bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    heads = [m for m in bns if not getattr(m, "cpu_kernel", True)]
+    assert len(heads) == {"stmn": 3, "drsa": 2, "sta": 1}[name]
+    for bn in bns:
+      assert isinstance(bn, batch_norm.BatchNorm), name
+      assert (bn.running_var, bn.running_stats) == ("unbiased", "first_group"), name
+
+
+def test_bnneck_running_variance_biased_and_unbiased():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 8)).astype(np.float32) * 3.0 + 1.0
+  for running_var, factor in (("biased", 1.0), ("unbiased", 6 / 5)):
+    neck = stmn.BNNeck(8, bn_running_var=running_var, rngs=nnx.Rngs(0))
+    neck.train()
+    neck(jnp.asarray(x))
+    np.testing.assert_allclose(
+        neck.bn.var[...], 0.9 + 0.1 * x.astype(np.float64).var(0) * factor, rtol=1e-5)
+
+
+def test_default_heads_are_stock_nnx_batchnorm_bitwise():
+  """With the default fields the heads' BN is Flax's code: outputs and running statistics
+  identical bit for bit to an `nnx.BatchNorm` with the same variables."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 8)) * 2 + 3, jnp.float32)
+  neck = stmn.BNNeck(8, rngs=nnx.Rngs(0))
+  plain = nnx.BatchNorm(8, use_bias=False, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+  for m in (neck, plain):
+    m.train()
+  np.testing.assert_array_equal(np.asarray(neck(x)), np.asarray(plain(x)))
+  np.testing.assert_array_equal(np.asarray(neck.bn.var[...]), np.asarray(plain.var[...]))
+  default = mars.get_config("stmn").model
+  assert (default.bn_groups, default.lstm_biases, default.bn_running_var) == (1, 1, "biased")
+
+
+def _torch_official_stmn(torch, stem, planes, blocks, dim, num_classes, m, n, length):
+  """The official STMN's layers (docs models.md section 1, model/network.py, resnet.py,
+  memory.py) as torch modules on the meta device: counts only, nothing allocated."""
+  nn = torch.nn
+
+  def bottleneck(cin, p, stride):
+    layers = [nn.Conv2d(cin, p, 1, bias=False), nn.BatchNorm2d(p),
+              nn.Conv2d(p, p, 3, stride, 1, bias=False), nn.BatchNorm2d(p),
+              nn.Conv2d(p, 4 * p, 1, bias=False), nn.BatchNorm2d(4 * p)]
+    if stride != 1 or cin != 4 * p:
+      layers += [nn.Conv2d(cin, 4 * p, 1, stride, bias=False), nn.BatchNorm2d(4 * p)]
+    return layers
+
+  def layer(cin, p, count, stride):
+    mods = bottleneck(cin, p, stride)
+    for _ in range(count - 1):
+      mods += bottleneck(4 * p, p, 1)
+    return mods
+
+  with torch.device("meta"):
+    mods = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem)]
+    cin = stem
+    for i, (p, count) in enumerate(zip(planes[:3], blocks[:3])):
+      mods += layer(cin, p, count, 1 if i == 0 else 2)
+      cin = 4 * p
+    for _ in range(3):  # layer4_val, layer4_key_s, layer4_key_t (last stride 1)
+      mods += layer(cin, planes[3], blocks[3], 1)
+    mods += [nn.BatchNorm1d(dim), nn.LSTM(dim, dim, 1), nn.BatchNorm1d(dim),
+             nn.BatchNorm1d(dim), nn.Linear(dim, num_classes, bias=False),
+             nn.Linear(dim, num_classes, bias=False)]  # smem BN, tmem LSTM, bn_s, bn_t, cls
+    net = nn.ModuleList(mods)
+    net.memory = nn.ParameterList([nn.Parameter(torch.empty(m, dim)),  # smem key, val
+                                   nn.Parameter(torch.empty(m, dim)),
+                                   nn.Parameter(torch.empty(n, dim)),  # tmem key, val
+                                   nn.Parameter(torch.empty(n, length))])
+  return net
+
+
+@pytest.mark.parametrize("width", [0.25, 1.0])
+def test_parameter_count_equals_the_official_pytorch_model(width):
+  """With lstm_biases = 2 (and the official switches) the torch-equivalent count equals
+  `sum(p.numel() for p in net.parameters())` of the official STMN (frozen BNNeck biases
+  included), and the BN running means and variances equal the torch BN buffers but the
+  `num_batches_tracked` scalars (one per BN). Width 1 is the released model; 0.25 shows the
+  arithmetic holds for every channel count."""
+  torch = pytest.importorskip("torch")
+  from stmn_jax.models.__main__ import summarize
+
+  config = mars.get_config("stmn")
+  config.model.update(stem_relu=False, smem_layout="nchw_flat", memory_similarity="code",
+                      lstm_biases=2, width=width)
+  s = summarize(config, 625)
+  dim = resnet.stage_channels(50, width)[3]
+  net = _torch_official_stmn(
+      torch, resnet.stem_channels(width), resnet.stage_planes(50, width), (3, 4, 6, 3), dim,
+      625, config.model.spatial_slots, config.model.temporal_slots, config.data.seq_len)
+  torch_params = sum(p.numel() for p in net.parameters())
+  assert s["torch_equivalent"] == torch_params
+  assert s["trainable"] == torch_params - 2 * dim  # all but bn_s / bn_t's frozen biases
+  bns = [mod for mod in net.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+  running = sum(b.running_mean.numel() + b.running_var.numel() for b in bns)
+  batch_stats = sum(p.get("BatchStat", 0) for p in s["parts"].values())
+  assert batch_stats == running
+  assert sum(b.numel() for b in net.buffers()) == running + len(bns)
+  if width == 1.0:
+    one_bias = summarize(mars.get_config("stmn"), 625)
+    assert one_bias["torch_equivalent"] == torch_params  # the 2nd bias counted in either case
+    assert one_bias["trainable"] == s["trainable"] - 4 * dim
