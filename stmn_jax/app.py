@@ -13,6 +13,11 @@ lock (`workdir_lock`) for all of them before any work starts — before the mode
 even imported — and lets go at the end. Only train creates a missing workdir; the other modes
 leave a missing one alone and fail on it with their own message. The modes that write
 results.json (train, eval) check first that it can be written.
+
+The workdir may be local or in a bucket (`--workdir=gs://bucket/run`, a Cloud TPU run): every
+mode reads and writes it through `etils.epath` (`workdir_io`), orbax and clu, never through
+`os` / `open` (tests/test_workdir_paths.py); the lock of an object-store workdir is a lock
+object with a heartbeat (`workdir_lock`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -36,17 +36,20 @@ from stmn_jax import pooling
 from stmn_jax import run_setup
 from stmn_jax import sharding
 from stmn_jax import train_state as train_state_lib
+from stmn_jax import workdir_io
 
 Embedder = Callable | embedding.WholeTrackletFns
 
 
 # ------------------------------------------------------------------------------ paths
+# A workdir may be local or `gs://...`: its paths are `epath.Path`s (`workdir_io`), given to
+# orbax as they are.
 def export_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "export")
+  return str(workdir_io.workdir_path(workdir) / "export")
 
 
 def params_dir(workdir: str) -> str:
-  return os.path.join(export_dir(workdir), "params")
+  return str(workdir_io.workdir_path(workdir) / "export" / "params")
 
 
 # ------------------------------------------------------------------------------ tree checks
@@ -100,7 +103,7 @@ def saved_tree_metadata(path: str) -> Any:
 # ------------------------------------------------------------------------------ parameters
 def save_params(path: str, model_state: Any) -> str:
   """Writes `{"model": pure dict of model_state}` as an orbax checkpoint at `path`."""
-  path = os.path.abspath(path)
+  path = str(workdir_io.workdir_path(path))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, {"model": nnx.to_pure_dict(model_state)}, force=True)
   return path
@@ -108,7 +111,7 @@ def save_params(path: str, model_state: Any) -> str:
 
 def load_params(path: str, model_state: Any) -> Any:
   """A copy of `model_state` (nnx.State, placed) with the values of the checkpoint at `path`."""
-  path = os.path.abspath(path)
+  path = str(workdir_io.workdir_path(path))
   target = {"model": nnx.to_pure_dict(model_state)}
   check_tree_matches(saved_tree_metadata(path)["model"], target["model"], path)
   with ocp.StandardCheckpointer() as ckptr:
@@ -122,13 +125,13 @@ def load_params(path: str, model_state: Any) -> Any:
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
   """Raises CheckpointNotFoundError (a FileNotFoundError) naming `workdir` when it holds
   nothing to restore."""
-  if not workdir or not os.path.isdir(workdir):
+  if not workdir or not epath.Path(workdir).is_dir():
     raise errors.CheckpointNotFoundError(f"{flag}={workdir}: no such workdir (train first)")
-  places = [os.path.join(workdir, p) for p in ("checkpoints", "best", os.path.join(
-      "export", "params"))]
-  if not any(os.path.isdir(p) and os.listdir(p) for p in places):
+  places = [epath.Path(workdir) / p for p in ("checkpoints", "best", "export/params")]
+  if not any(p.is_dir() and any(p.iterdir()) for p in places):
     raise errors.CheckpointNotFoundError(
-        f"{flag}={workdir}: no checkpoint (expected one of {', '.join(places)}; train first)")
+        f"{flag}={workdir}: no checkpoint (expected one of {', '.join(map(str, places))}; "
+        "train first)")
 
 
 def _abstract_model_tree(config: ml_collections.ConfigDict, num_classes: int) -> Any:
@@ -173,7 +176,7 @@ def restore_model(
   """
   run_setup.check_config(config)
   mesh = mesh or sharding.make_mesh()
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise errors.CheckpointNotFoundError(f"workdir {workdir} does not exist (train first)")
   which = which or config.eval.checkpoint
   with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
@@ -183,9 +186,9 @@ def restore_model(
       which = "latest"
     step = ckpt.best_step() if which == "best" else ckpt.latest_step()
     if step is not None:
-      source = os.path.join(ckpt.best_dir if which == "best" else ckpt.latest_dir, str(step))
-      saved = saved_tree_metadata(os.path.join(source, "default"))
-    elif os.path.isdir(params_dir(workdir)):
+      source = str(epath.Path(ckpt.best_dir if which == "best" else ckpt.latest_dir) / str(step))
+      saved = saved_tree_metadata(str(epath.Path(source) / "default"))
+    elif epath.Path(params_dir(workdir)).is_dir():
       source = params_dir(workdir)
       saved = saved_tree_metadata(source)
     else:
