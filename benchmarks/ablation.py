@@ -1,8 +1,11 @@
 """Issue #6's ablation table: 9 models x 2 synthetic benchmarks x seeds, RRS and all-frames.
 
-  python -m benchmarks.ablation [--seeds=0,1,2] [--models=baseline,...] [--benches=distractors,clean]
+  python -m benchmarks.ablation [--protocol=v1|v2] [--seeds=0,1,2] [--models=baseline,...] [--benches=distractors,clean]
       [--workdir=workdir/ablation] [--jobs=N] [--dry-run] [--aggregate-only]
       [--results-md=docs/RESULTS.md]
+
+`--protocol=v2` hands every other flag to `benchmarks.ablation_v2` (issue 17's protocol: a
+pretrained trunk, 128x64, one distractor family at a time, memory statistics, t intervals).
 
 Every run is two subprocesses of this tree's `main.py` (printed, so a row can be rerun by hand):
   1. `python main.py --config=configs/synthetic.py:<model>,ablation --workdir=W
@@ -553,6 +556,17 @@ def _names(text: str, valid: Sequence[str], flag: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  protocol = [x for x in argv if x.startswith("--protocol")]
+  if protocol:  # --protocol=v1 (this table, default) or v2 (issue 17: benchmarks.ablation_v2)
+    value = protocol[-1].partition("=")[2]
+    if value not in ("v1", "v2"):
+      raise SystemExit(f"{protocol[-1]!r}: expected --protocol=v1 or --protocol=v2")
+    argv = [x for x in argv if not x.startswith("--protocol")]
+    if value == "v2":
+      from benchmarks import ablation_v2  # pylint: disable=g-import-not-at-top
+
+      return ablation_v2.main(argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--models", default=",".join(MODELS))
