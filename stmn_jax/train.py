@@ -99,6 +99,12 @@ def train_and_evaluate(
       else "none (the final weights are tested)",
   )
 
+  if t.select_on == "test" and config.dataset.num_val_ids > 0:
+    logging.warning(
+        "selection on the test set, yet config.dataset.num_val_ids = %d ids are held out of "
+        "training and never used; set it to 0 to train on every id (as the official run)",
+        config.dataset.num_val_ids)
+
   def is_eval_step(done: int) -> bool:
     return done in eval_steps
 
