@@ -140,7 +140,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # evaluations below is the checkpoint the final test scores (under config.eval's protocol).
   # Evaluate after e completed epochs for every e with (e + eval_epoch_offset) a multiple of
   # eval_every_epochs (0 <= offset < eval_every_epochs). Paper default: offset 0 (epochs 10, 20,
-  # ...); official code: offset 1 (after 9, 19, ..., 199 of 200 epochs).
+  # ...); official code: offset 2 (main.py scores before training its 1-based epochs 9, 19, ...,
+  # 199, i.e. after 8, 18, ..., 198 completed epochs of 200).
   config.train.eval_every_epochs = 10
   config.train.eval_epoch_offset = 0
   # Also evaluate after the last epoch when the schedule misses it: True (default); the
