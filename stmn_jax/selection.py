@@ -5,8 +5,9 @@ The paper's protocol is the default: identities held out of the training ids
 (`dataset.num_val_ids`) scored by mAP under `config.eval`'s protocol every
 `eval_every_epochs` epochs and after the last one, the first of equal scores kept. The official
 code's (docs/FAITHFULNESS.md rows 1-2): every training id trains (`num_val_ids = 0`), the test
-set scored by R1 with one RRS clip per tracklet and no flip, after 9, 19, ..., 199 of 200
-epochs (never after the last), the later of equal scores kept.
+set scored by R1 with one RRS clip per tracklet and no flip, after 8, 18, ..., 198 of 200
+epochs (`main.py` scores before training its 1-based epochs 9, 19, ..., 199: offset 2; never
+after the last), the later of equal scores kept.
 
 Pure functions of the config (no JAX, no TF): `check` (ConfigError before work starts),
 `eval_epochs` / `eval_steps` (the schedule), `eval_config` (the config the selection evaluator

@@ -113,11 +113,14 @@ def test_r1_and_map_pick_different_evaluations():
 
 
 @pytest.mark.parametrize("epochs,every,offset,at_end,expected", [
-    (20, 10, 1, False, [9, 19]),  # the official schedule at 20 epochs
+    (20, 10, 1, False, [9, 19]),
+    (20, 10, 2, False, [8, 18]),  # the official schedule at 20 epochs
     (20, 10, 0, True, [10, 20]),  # the default
     (25, 10, 0, True, [10, 20, 25]),  # the last epoch added
     (25, 10, 0, False, [10, 20]),
-    (200, 10, 1, False, list(range(9, 200, 10))),  # the official run: never after epoch 200
+    # The official run: main.py's `for epoch in range(1, 201)` scores when (epoch + 1) % 10 == 0,
+    # before training that epoch: after epoch - 1 completed epochs.
+    (200, 10, 2, False, [e - 1 for e in range(1, 201) if (e + 1) % 10 == 0]),
 ])
 def test_eval_epochs_schedule(epochs, every, offset, at_end, expected):
   config = _config(eval_every_epochs=every, eval_epoch_offset=offset, eval_at_end=at_end)
@@ -217,8 +220,9 @@ def test_metric_and_tie_rule_pick_the_direct_step(r1_last, tmp_path, monkeypatch
 
 
 def test_official_selection_end_to_end(tmp_path, monkeypatch):
-  """Every id trains; R1 on the test set, ties to the later, RRS without flip, after epochs 1
-  and 3 of 4 only: the evaluations, the evaluator configs and results.json say so."""
+  """The official kind of selection: every id trains; R1 on the test set, ties to the later,
+  RRS without flip, after epochs 1 and 3 of 4 only (never after the last): the evaluations,
+  the evaluator configs and results.json say so."""
   built = []
   real = evaluators.from_config
 
