@@ -212,6 +212,7 @@ def _check_selection(results: dict, config, num_train_ids: int) -> None:
   assert "official-code habit" in results["note"]
 
 
+@pytest.mark.slow
 def test_synthetic_official_smoke_end_to_end(tmp_path, shared_compiles):
   """configs/synthetic.py:stmn,official,smoke, only the data folder moved and one step per
   epoch (2 steps; time): every id trains, R1 on the test set after epochs 1 and 2."""
@@ -224,6 +225,7 @@ def test_synthetic_official_smoke_end_to_end(tmp_path, shared_compiles):
   _check_selection(results, config, config.dataset.synthetic.num_train_ids)
 
 
+@pytest.mark.slow
 def test_mars_official_end_to_end_on_a_synthetic_mars_layout(tmp_path, shared_compiles):
   """configs/mars.py:stmn,official on a MARS tree (bbox_train/, bbox_test/, info/*.mat) written
   by the synthetic generator, read by the MARS reader; tiny sizes by overrides (those of the
