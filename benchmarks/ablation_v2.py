@@ -53,11 +53,19 @@ FAMILIES: dict[str, dict[str, float]] = {
 PAIRS = (("sm", "baseline"), ("tm", "baseline"), ("stmn", "baseline"),
          ("stmn_nospread", "baseline"), ("stmn", "stmn_nospread"), ("stmn", "sm"), ("stmn", "tm"),
          ("sm", "sm_nospread"), ("tm", "tm_nospread"))
-# "Settled": every statistic within its tolerance of its final value over the last
-# SETTLE_WINDOW of training (entropies are fractions of log M; the contrast is in uniform shares).
-SETTLE_TOL = {"spatial_entropy": 0.02, "temporal_entropy": 0.02, "weight_contrast": 0.05,
-              "readout_ratio": 0.02}
+# "Settled": over the last SETTLE_WINDOW of training every logged value of a statistic is within
+# SETTLE_REL of its whole movement (|final - first logged|), or within its floor, of the final
+# value. "Moved": the final value is at least MOVED away from the memory's initial state
+# (uniform addressing = entropy 1; no down-weighting = contrast 0; no read-out = ratio 0).
+# A memory frozen near its initial state is "settled" but not "moved" (the v1 failure).
+SETTLE_TOL = {"spatial_entropy": 0.005, "temporal_entropy": 0.005, "weight_contrast": 0.01,
+              "readout_ratio": 0.002}  # floors
+SETTLE_REL = 0.1
 SETTLE_WINDOW = 0.3
+MOVED = {"spatial_entropy": 0.05, "temporal_entropy": 0.05, "weight_contrast": 0.05,
+         "readout_ratio": 0.05}
+INITIAL = {"spatial_entropy": 1.0, "temporal_entropy": 1.0, "weight_contrast": 0.0,
+           "readout_ratio": 0.0}
 BEGIN, END = "<!-- ablation-v2:begin -->", "<!-- ablation-v2:end -->"
 
 
@@ -74,9 +82,9 @@ class Protocol:
   tracklets_per_id: int = 2
   train_ids: int = 60
   test_ids: int = 100  # ~250 queries (v1: 40 ids, 98 queries)
-  steps: int = 200
-  stats_every: int = 25
-  learning_rate: float = 1e-3
+  steps: int = 600  # the pilot: the read-out still grew at step 200 (0.8% of ||f_o||)
+  stats_every: int = 50
+  learning_rate: float = 3e-3
   decay_at: float = 0.8  # x0.1 after this fraction of the steps
   stats_tracklets: int = 64
   eval_batch_size: int = 64
@@ -102,8 +110,8 @@ class Protocol:
 PROTOCOLS = {
     "full": Protocol(),
     "toy": Protocol(height=64, width=32, net_width=0.125, tracklets_per_id=2, ids_per_batch=4,
-                    train_ids=8, test_ids=4, steps=2, stats_every=2, stats_tracklets=8,
-                    eval_batch_size=8, pretrain_ids=8, pretrain_test_ids=2, pretrain_steps=2,
+                    train_ids=8, test_ids=4, steps=4, stats_every=2, stats_tracklets=8,
+                    eval_batch_size=8, pretrain_ids=8, pretrain_test_ids=2, pretrain_steps=4,
                     pretrain_lr=1e-3, spatial_slots=4, temporal_slots=3, smoke=True),
 }
 
@@ -254,11 +262,25 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ running
+def pretrain_recipe(p: Protocol) -> dict[str, Any]:
+  """What the trunk file depends on (checked when a cached trunk is reused)."""
+  keys = ("height", "width", "last_stride", "net_width", "seq_len", "ids_per_batch",
+          "tracklets_per_id", "pretrain_ids", "pretrain_test_ids", "pretrain_steps",
+          "pretrain_lr", "pretrain_data_seed")
+  return {k: getattr(p, k) for k in keys}
+
+
 def pretrain(p: Protocol, root: str) -> str:
   """Trains the baseline on the pretraining benchmark (resumable) and writes the trunk file;
   a no-op when the file exists."""
   path = trunk_path(root)
+  record = os.path.join(os.path.dirname(path), "pretrain.json")
   if epath.Path(path).exists():
+    made = (read_json(record) or {}).get("recipe")
+    if made is not None and made != pretrain_recipe(p):
+      raise ValueError(f"{path} was pretrained with another recipe than this protocol's "
+                       f"({record}: {made} vs {pretrain_recipe(p)}); delete "
+                       f"{os.path.dirname(path)} (and {root}/pretrain) to pretrain again")
     return path
   from stmn_jax import train  # pylint: disable=g-import-not-at-top
   from benchmarks import ablation_v2_memory as mem  # pylint: disable=g-import-not-at-top
@@ -269,8 +291,9 @@ def pretrain(p: Protocol, root: str) -> str:
   state, summary = train.train_and_evaluate(pretrain_config(p, root),
                                             os.path.join(os.path.abspath(root), "pretrain"))
   mem.export_trunk(state.model(), path)
-  write_json(os.path.join(os.path.dirname(path), "pretrain.json"),
+  write_json(record,
              {"seconds": time.time() - t0, "steps": p.pretrain_steps,
+              "recipe": pretrain_recipe(p),
               "test": scalar_metrics(summary.get("test") or {}), "knobs": pretrain_knobs(p)})
   return path
 
@@ -285,64 +308,86 @@ def has_memory(state) -> bool:
 
 
 def run_one(p: Protocol, run: Run, root: str, pretrained: str) -> dict:
-  """Trains one run in stats intervals (resuming), logs the memory statistics, writes
-  `result.json` last; returns it (read back when the run is already finished)."""
+  """Trains one run (resuming from its newest checkpoint; a checkpoint every `stats_every`
+  steps, all kept), then logs the memory statistics of every checkpoint not logged yet,
+  writes `result.json` last and deletes the intermediate checkpoints; returns the result
+  (read back when the run is already finished).
+
+  Statistics are computed from the kept checkpoints after training rather than by stopping
+  training at each interval: one `train_and_evaluate` call per run (the pilot measured about
+  24 s of set-up, tracing and checkpoint overhead per call under load)."""
   w = run.workdir(root)
   done = read_json(os.path.join(w, "result.json"))
   if done is not None:
     return done
   import jax  # pylint: disable=g-import-not-at-top
+  from stmn_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from stmn_jax import run_setup, train, visualize  # pylint: disable=g-import-not-at-top
   from benchmarks import ablation_v2_memory as mem  # pylint: disable=g-import-not-at-top
-  from benchmarks import ablation_v2_stats as st  # pylint: disable=g-import-not-at-top
 
   config = run_config(p, run, root, pretrained)
+  config.train.keep_checkpoints = len(p.stats_steps) + 1
   stats_path = os.path.join(w, "memory_stats.json")
   log = read_json(stats_path) or {"records": [], "seconds": 0.0}
-  have = {r["step"] for r in log["records"]}
-  setup = run_setup.prepare_run(config)
-  tracklets = list(setup.test_split.gallery)
-  meta = visualize.synthetic_meta(config, tracklets)
-  ids = mem.pick_tracklets(tracklets, meta, p.stats_tracklets, p.seq_len)
-  forward, summary = None, None
-  for step in p.stats_steps:
-    if step in have and step != p.steps:
-      continue
-    t0 = time.time()
-    state, summary = train.train_and_evaluate(config, w, max_steps=step)
-    if forward is None and has_memory(state):
-      forward = mem.make_stats_forward(state, setup.mesh)
-    if state.step not in have and forward is None:
-      log["records"].append({"step": int(state.step), "clips": 0, **{k: None for k in STATS}})
-      have.add(state.step)
-    elif state.step not in have:
-      rec = mem.memory_stats_at(state, config, setup.mesh, forward, tracklets, meta, ids)
-      rec["step"] = int(state.step)
-      rec["loss"] = (summary.get("train") or {}).get("loss")
-      log["records"].append(rec)
-      have.add(state.step)
-    log["seconds"] += time.time() - t0
-    write_json(stats_path, log)
-    _log(f"{run} step {state.step}/{p.steps}: " + ", ".join(
-        f"{k} {log['records'][-1][k]:.3f}" for k in mem.STAT_KEYS
-        if log["records"][-1].get(k) is not None))
-  if summary is None or "test" not in summary:
+  t0 = time.time()
+  state, summary = train.train_and_evaluate(config, w)
+  if "test" not in summary:
     raise RuntimeError(f"{w}: training ended without test results")
+  log["train_seconds"] = time.time() - t0
+  t0 = time.time()
+  have = {r["step"] for r in log["records"]}
+  todo = [s for s in p.stats_steps if s not in have]
+  if todo and has_memory(state):
+    setup = run_setup.prepare_run(config, mesh=None)
+    tracklets = list(setup.test_split.gallery)
+    meta = visualize.synthetic_meta(config, tracklets)
+    ids = mem.pick_tracklets(tracklets, meta, p.stats_tracklets, p.seq_len)
+    forward = mem.make_stats_forward(state, setup.mesh)
+    losses = dict(summary.get("loss_history") or [])
+    with ckpt_lib.Checkpointer(w, keep=config.train.keep_checkpoints, read_only=True) as ckpt:
+      for step in todo:
+        at = dataclasses.replace(state)
+        at.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest", step=step))
+        rec = mem.memory_stats_at(at, config, setup.mesh, forward, tracklets, meta, ids)
+        rec.update(step=step, loss=losses.get(step))
+        log["records"].append(rec)
+        _log(f"{run} step {step}/{p.steps}: " + ", ".join(
+            f"{k} {rec[k]:.3f}" for k in mem.STAT_KEYS if rec.get(k) is not None))
+  elif todo:  # no memory: nothing to measure, one empty record per step
+    log["records"] += [{"step": s, "clips": 0, **{k: None for k in STATS}} for s in todo]
+  log["stats_seconds"] = log.get("stats_seconds", 0.0) + time.time() - t0
+  log["seconds"] = log["train_seconds"] + log["stats_seconds"]
+  write_json(stats_path, log)
+  result = summarize(p, run, log, summary, jax.device_count())
+  write_json(os.path.join(w, "result.json"), result)
+  for step in p.stats_steps[:-1]:  # keep the final checkpoint only (figures, inspection)
+    epath.Path(w, "checkpoints", str(step)).rmtree(missing_ok=True)
+  return result
+
+
+def summarize(p: Protocol, run: Run, log: dict, summary: dict, devices: int) -> dict:
+  """`result.json`: test metrics, the final statistics and whether they had settled."""
+  from benchmarks import ablation_v2_stats as st  # pylint: disable=g-import-not-at-top
+
   recs = sorted(log["records"], key=lambda r: r["step"])
   steps = [r["step"] for r in recs]
-  settle = {k: st.settled(steps, [r.get(k) for r in recs], tol, SETTLE_WINDOW)
-            for k, tol in SETTLE_TOL.items()}
-  known = [v for v in settle.values() if v is not None]
-  settle["all"] = all(known) if known else None
-  settle["steps"] = {k: st.settle_step(steps, [r.get(k) for r in recs], tol)
-                     for k, tol in SETTLE_TOL.items()}
-  result = {"family": run.family, "variant": run.variant, "seed": run.seed,
-            "test": scalar_metrics(summary["test"]),
-            "num_query": len(setup.test_split.query), "steps": p.steps,
-            "seconds": log["seconds"], "memory_final": recs[-1], "settle": settle,
-            "protocol": dataclasses.asdict(p), "devices": jax.device_count()}
-  write_json(os.path.join(w, "result.json"), result)
-  return result
+  settle: dict[str, Any] = {"steps": {}, "moved": {}}
+  for k, floor in SETTLE_TOL.items():
+    vals = [r.get(k) for r in recs]
+    known = [v for v in vals if v is not None]
+    tol = max(floor, SETTLE_REL * abs(known[-1] - known[0])) if known else floor
+    settle[k] = st.settled(steps, vals, tol, SETTLE_WINDOW)
+    settle["steps"][k] = st.settle_step(steps, vals, tol)
+    settle["moved"][k] = abs(known[-1] - INITIAL[k]) >= MOVED[k] if known else None
+  flags = [settle[k] for k in SETTLE_TOL if settle[k] is not None]
+  settle["all"] = all(flags) if flags else None
+  moved = [v for v in settle["moved"].values() if v is not None]
+  settle["any_moved"] = any(moved) if moved else None
+  return {"family": run.family, "variant": run.variant, "seed": run.seed,
+          "test": scalar_metrics(summary["test"]),
+          "num_query": int(summary["test"].get("num_valid_queries", 0)),
+          "steps": p.steps, "seconds": log["seconds"], "memory_final": recs[-1],
+          "settle": settle, "protocol": dataclasses.asdict(p), "devices": devices}
 
 
 def prepare(p: Protocol, root: str, families: Sequence[str]) -> str:
@@ -356,14 +401,19 @@ def prepare(p: Protocol, root: str, families: Sequence[str]) -> str:
   return pretrain(p, root)
 
 
-def run_all(p: Protocol, runs: Sequence[Run], root: str, shard: tuple[int, int] = (0, 1)
-            ) -> list[str]:
-  """Every run of this shard in order (after `prepare`); returns the failures."""
+def run_all(p: Protocol, runs: Sequence[Run], root: str, shard: tuple[int, int] = (0, 1),
+            stop_after_s: float = 0.0) -> list[str]:
+  """Every run of this shard in order (after `prepare`), starting none after `stop_after_s`
+  seconds (0: no limit); returns the failures."""
+  start = time.time()
   path = prepare(p, root, sorted({r.family for r in runs}))
   errors = []
   for i, r in enumerate(runs):
     if i % shard[1] != shard[0]:
       continue
+    if stop_after_s and time.time() - start > stop_after_s:
+      _log(f"--stop_after_h reached: {r} and later runs left for a rerun of this command")
+      break
     t0 = time.time()
     try:
       res = run_one(p, r, root, path)
@@ -405,18 +455,20 @@ def collect(root: str, runs: Sequence[Run]) -> list[dict]:
 def estimate(p: Protocol, runs: Sequence[Run], cost: dict[str, float], done: int = 0,
              pretrained: bool = False) -> dict[str, float]:
   """Seconds for the plan from a measured cost: {"step_s": {variant: s}, "eval_s",
-  "stats_s" (one statistics pass), "overhead_s" (per train_and_evaluate call), "pretrain_step_s",
-  "data_s" (one benchmark)}."""
+  "stats_s" (one statistics pass), "overhead_s" (per run: set-up, tracing, checkpoints,
+  restores), "pretrain_step_s", "data_s" (one benchmark)}."""
   per_run = {}
   for v in {r.variant for r in runs}:
     per_run[v] = (p.steps * cost["step_s"].get(v, max(cost["step_s"].values()))
-                  + cost["eval_s"] + len(p.stats_steps) * (cost["stats_s"] + cost["overhead_s"]))
+                  + cost["eval_s"] + cost["overhead_s"] + len(p.stats_steps) * cost["stats_s"])
   todo = list(runs)[done:]
   runs_s = sum(per_run[r.variant] for r in todo)
   pre_s = 0.0 if pretrained else p.pretrain_steps * cost["pretrain_step_s"] + cost["eval_s"]
   data_s = cost["data_s"] * (len({r.family for r in runs}) + (0 if pretrained else 1))
-  return {"runs_s": runs_s, "pretrain_s": pre_s, "data_s": data_s,
-          "total_s": runs_s + pre_s + data_s, "per_run_s": per_run}
+  # First run of each variant: its train step compiles (later runs hit the compilation cache).
+  compile_s = sum(cost.get("compile_s", {}).get(v, 0.0) for v in {r.variant for r in todo})
+  return {"runs_s": runs_s, "pretrain_s": pre_s, "data_s": data_s, "compile_s": compile_s,
+          "total_s": runs_s + pre_s + data_s + compile_s, "per_run_s": per_run}
 
 
 def plan_text(p: Protocol, runs: Sequence[Run], root: str, cost: dict | None) -> str:
@@ -437,6 +489,7 @@ def plan_text(p: Protocol, runs: Sequence[Run], root: str, cost: dict | None) ->
     per = ", ".join(f"{v} {s / 60:.1f} min" for v, s in sorted(e["per_run_s"].items()))
     lines.append(f"estimate (one process, cost measured {cost.get('measured', '?')}): "
                  f"pretraining {e['pretrain_s'] / 60:.1f} min, data {e['data_s'] / 60:.1f} min, "
+                 f"compiles {e['compile_s'] / 60:.1f} min, "
                  f"runs {e['runs_s'] / 60:.1f} min ({per}); total {e['total_s'] / 3600:.2f} h")
   else:
     lines.append(f"no measured cost: run `--measure` first ({cost_path(root)})")
@@ -474,7 +527,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--size", default="full", choices=sorted(PROTOCOLS))
   ap.add_argument("--families", default=",".join(FAMILIES))
   ap.add_argument("--variants", default=",".join(VARIANTS))
-  ap.add_argument("--seeds", default="0,1,2,3,4,5")
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--stop_after_h", type=float, default=0.0,
+                  help="start no new run after this many hours (then write the table)")
   ap.add_argument("--workdir", default="workdir/ablation_v2")
   ap.add_argument("--shard", default="0/1", help="i/k: this process runs runs i, i+k, ...")
   ap.add_argument("--jobs", type=int, default=1, help="k shard processes of one thread each")
@@ -487,6 +542,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--steps", type=int, default=0, help="override the protocol's steps")
   ap.add_argument("--stats_every", type=int, default=0, help="override: statistics interval")
   ap.add_argument("--pretrain_steps", type=int, default=0)
+  ap.add_argument("--lr", type=float, default=0.0, help="override: fine-tuning learning rate")
+  ap.add_argument("--decay_at", type=float, default=0.0,
+                  help="override: fraction of the steps after which the rate drops x0.1")
   ap.add_argument("--no_figures", action="store_true", help="skip the --mode=visualize figures")
   ap.add_argument("--jax_cache", default=None,
                   help="persistent XLA compilation cache (default <workdir>/jax_cache; '' = off)")
@@ -509,6 +567,10 @@ def protocol_of(a: argparse.Namespace) -> Protocol:
                             p.stats_every)
   if a.pretrain_steps:
     p = dataclasses.replace(p, pretrain_steps=a.pretrain_steps)
+  if a.lr:
+    p = dataclasses.replace(p, learning_rate=a.lr)
+  if a.decay_at:
+    p = dataclasses.replace(p, decay_at=a.decay_at)
   return p
 
 
@@ -549,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.jobs > 1:
       errors = run_jobs(a, argv, p, runs)
     else:
-      errors = run_all(p, runs, a.workdir, shard)
+      errors = run_all(p, runs, a.workdir, shard, a.stop_after_h * 3600)
     _log(f"finished in {time.time() - t0:.0f} s, {len(errors)} failed")
     for e in errors:
       _log(f"failed: {e}")

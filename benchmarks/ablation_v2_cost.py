@@ -8,7 +8,8 @@
 `measure` adds, at the chosen protocol size: generating one benchmark, one test evaluation
 (all-frames clips, flip), one memory-statistics pass, and a pilot (pretraining and one `stmn`
 run of a few steps through the real runner, in `<workdir>/pilot`) whose time beyond its steps,
-evaluation and statistics is the per-interval overhead (set-up, compile-cache hits, checkpoints).
+evaluation and statistics is the per-run overhead (set-up, tracing, compile-cache hits,
+checkpoint saves and restores).
 """
 
 from __future__ import annotations
@@ -124,10 +125,9 @@ def measure(p: v2.Protocol, root: str, variants: Sequence[str],
   t = time.time()
   v2.run_one(pp, v2.Run("all", "stmn", 0), pilot, path)
   cost["pilot_run_s"] = time.time() - t
-  calls = len(pp.stats_steps)
   rest = (cost["pilot_run_s"] - pilot_steps * cost["step_s"]["stmn"] - cost["eval_s"]
-          - calls * cost["stats_s"])
-  cost["overhead_s"] = max(0.0, rest / calls)
+          - len(pp.stats_steps) * cost["stats_s"])
+  cost["overhead_s"] = max(0.0, rest)
   cost["pilot_steps"] = pilot_steps
   cost["load1_after"] = os.getloadavg()[0]
   cost["devices"] = jax.device_count()

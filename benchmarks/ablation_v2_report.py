@@ -36,7 +36,7 @@ def command(a: Any) -> str:
   parts = ["python -m benchmarks.ablation --protocol=v2", f"--size={a.size}",
            f"--families={a.families}", f"--variants={a.variants}", f"--seeds={a.seeds}",
            f"--workdir={a.workdir}"]
-  for flag in ("steps", "stats_every", "pretrain_steps"):
+  for flag in ("steps", "stats_every", "pretrain_steps", "lr", "decay_at"):
     if getattr(a, flag, 0):
       parts.append(f"--{flag}={getattr(a, flag)}")
   if a.results_md:
@@ -118,10 +118,17 @@ def render(p: v2.Protocol, records: Sequence[dict], families: Sequence[str],
       "",
       st.difference_table(records, families, v2.PAIRS),
       "",
+      "Seed sd of each paired difference and the seeds needed to resolve 2 points (95% "
+      "interval excluding 0 with 80% power) at that sd (`ablation_v2_stats.required_seeds`):",
+      "",
+      st.needed_table(records, families, v2.PAIRS),
+      "",
       "Memory statistics at the end of training (mean over seeds; entropies as fractions of "
       "the uniform one; contrast in uniform frame shares, > 0 = distractor frames "
-      f"down-weighted) and the runs whose statistics had settled (within {v2.SETTLE_TOL} of "
-      f"their final values over the last {v2.SETTLE_WINDOW:.0%} of training):",
+      "down-weighted). Settled: every statistic, over the last "
+      f"{v2.SETTLE_WINDOW:.0%} of training, within {v2.SETTLE_REL:.0%} of its whole movement "
+      f"(or the floors {v2.SETTLE_TOL}) of its final value; moved: some statistic at least "
+      f"{v2.MOVED} away from the initial state (entropy 1, contrast 0, ratio 0):",
       "",
       st.memory_table(records, families, variants),
       "",

@@ -140,12 +140,13 @@ def difference_table(records: Sequence[Mapping[str, Any]], families: Sequence[st
 
 def memory_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
                  variants: Sequence[str]) -> str:
-  """Markdown: the memory statistics at the end of training (mean over seeds) and how many
-  runs had settled (every statistic of the run within its tolerance over the last window)."""
+  """Markdown: the memory statistics at the end of training (mean over seeds), how many runs
+  had settled (every statistic within its tolerance over the last window) and how many had
+  moved (some statistic away from the memory's initial state: `ablation_v2.MOVED`)."""
   keys = (("spatial_entropy", "SM entropy / log M"), ("temporal_entropy", "TM entropy / log N"),
           ("weight_contrast", "L (w_clean - w_distractor)"),
           ("readout_ratio", "‖BN(read-out)‖ / ‖f_o‖"))
-  head = ["family", "variant"] + [label for _, label in keys] + ["settled runs"]
+  head = ["family", "variant"] + [label for _, label in keys] + ["runs settled / moved"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for f in families:
     for v in variants:
@@ -158,6 +159,28 @@ def memory_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
         vals = [x for x in vals if x is not None]
         cells.append(f"{np.mean(vals):.3f}" if vals else "-")
       ok = [r["settle"]["all"] for r in rs]
-      cells.append(f"{sum(bool(x) for x in ok)}/{len(rs)}")
+      moved = [r["settle"].get("any_moved") for r in rs]
+      cells.append("-" if all(x is None for x in ok) else
+                   f"{sum(bool(x) for x in ok)}/{len(rs)} settled, "
+                   f"{sum(bool(x) for x in moved)}/{len(rs)} moved")
       lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def needed_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
+                 pairs: Sequence[tuple[str, str]], delta: float = 2.0,
+                 metric: str = "mAP") -> str:
+  """Markdown: observed sd of each paired difference and the seeds `required_seeds` asks for
+  to resolve `delta` points with 80% power at that sd ("sd / n needed" per family)."""
+  head = ["difference"] + [f"{f}: sd / n needed" for f in families]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  have = {r["variant"] for r in records}
+  for a, b in pairs:
+    if a not in have or b not in have:
+      continue
+    cells = [f"`{a}` - `{b}`"]
+    for f in families:
+      c = paired(records, f, a, b, metric)
+      cells.append("-" if c["n"] < 2 else f"{c['sd']:.1f} / {required_seeds(c['sd'], delta)}")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

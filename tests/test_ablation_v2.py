@@ -1,5 +1,6 @@
 """benchmarks/ablation_v2 (issue 17): the whole protocol at toy size, resume, the statistics."""
 
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +49,10 @@ def test_every_run_finished_with_results_and_statistics(toy):
       assert (res["family"], res["variant"], res["seed"]) == ("all", variant, seed)
       assert 0.0 <= res["test"]["mAP"] <= 1.0 and res["num_query"] > 0
       log = json.loads((w / "all" / variant / f"seed{seed}" / "memory_stats.json").read_text())
-      assert [r["step"] for r in log["records"]] == p.stats_steps
+      assert [r["step"] for r in log["records"]] == p.stats_steps == [2, 4]
+      ckpts = sorted(x.name for x in (w / "all" / variant / f"seed{seed}" / "checkpoints").iterdir()
+                     if x.name.isdigit())
+      assert ckpts == ["4"]  # intermediate checkpoints deleted once their statistics are logged
       final = res["memory_final"]
       if variant == "stmn":
         assert 0.0 < final["spatial_entropy"] <= 1.0 and 0.0 < final["temporal_entropy"] <= 1.0
@@ -76,6 +80,9 @@ def test_pretrained_trunk_is_a_torchvision_file_every_run_loads(toy):
     np.testing.assert_array_equal(np.asarray(stage.blocks[0].conv1.kernel.get_value()),
                                   sd["layer4.0.conv1.weight"].transpose(2, 3, 1, 0))
   assert v2.pretrain(v2.PROTOCOLS["toy"], str(w)) == str(path)  # cached: no second pretraining
+  other = dataclasses.replace(v2.PROTOCOLS["toy"], pretrain_steps=6)
+  with pytest.raises(ValueError, match="another recipe"):
+    v2.pretrain(other, str(w))
 
 
 def test_table_section_and_figures(toy):
@@ -109,7 +116,8 @@ def test_rerun_skips_finished_runs(toy, monkeypatch):
   assert plan.count(" done ") == 4 and plan.count(" todo ") == 2
   # Two runs left, pretraining cached; data_s counts each family of the runs left (an upper bound).
   p = v2.PROTOCOLS["toy"]
-  per = {"baseline": p.steps * 1.0 + 3.0 + 1.5, "stmn": p.steps * 2.0 + 3.0 + 1.5}
+  n = len(p.stats_steps)
+  per = {"baseline": p.steps * 1.0 + 3.0 + 1.0 + n * 0.5, "stmn": p.steps * 2.0 + 3.0 + 1.0 + n * 0.5}
   assert f"total {(per['baseline'] + per['stmn'] + 10.0) / 3600:.2f} h" in plan
 
 
