@@ -313,3 +313,27 @@ def test_model_with_groups_equals_the_model_on_each_group(preset, fast_compiles)
     expected = jax.tree.map(lambda *s: np.mean([np.asarray(v) for v in s], 0), *group_stats)
     for a, b in zip(jax.tree.leaves(mean_stats), jax.tree.leaves(expected)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_mode_ignores_groups_and_traces_a_symbolic_batch(fast_compiles):
+  """In eval mode BatchNorm uses running statistics, which have no groups: a bn_groups = 3 model
+  gives the bn_groups = 1 outputs, and traces with a free batch dimension (the SavedModel export's
+  symbolic batch, which `chunk_sizes` cannot split)."""
+  del fast_compiles
+  config = _model_config("stmn", 3, "first_group")
+  ghost = models.create_model(config, 5, nnx.Rngs(0))
+  plain = models.create_model(_model_config("stmn", 1), 5, nnx.Rngs(0))
+  assert batch_norm.in_training(ghost)
+  ghost.eval()
+  plain.eval()
+  assert not batch_norm.in_training(ghost)
+  shape = (4, config.data.seq_len, config.data.height, config.data.width, 3)
+  frames = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(ghost(frames)["embedding"]),
+                                np.asarray(plain(frames)["embedding"]))
+  graphdef, state = nnx.split(ghost)
+  fn = lambda st, x: nnx.merge(graphdef, st)(x)["embedding"]
+  (batch,) = jax.export.symbolic_shape("b")
+  spec = jax.ShapeDtypeStruct((batch, *shape[1:]), jnp.float32)
+  exported = jax.export.export(jax.jit(fn))(state, spec)
+  assert exported.out_avals[0].shape[0] == batch

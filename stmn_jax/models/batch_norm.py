@@ -69,13 +69,24 @@ def chunk_sizes(batch: int, groups: int) -> Groups:
   return tuple(min(size, batch - start) for start in range(0, batch, size))
 
 
-def tracklet_groups(batch: int, groups: int) -> Groups | None:
+def tracklet_groups(batch: int, groups: int, training: bool = True) -> Groups | None:
   """The ghost-BN groups of `batch` tracklets split into `groups` (`chunk_sizes`); None when that
-  is one group (the whole-batch code path)."""
-  if groups == 1:  # no need to look at the batch, which may be symbolic (SavedModel export)
+  is one group (the whole-batch code path) or in eval mode (`training=False`: running statistics
+  have no groups). Neither case looks at the batch, which may be symbolic (the SavedModel export
+  traces a free batch dimension)."""
+  if groups == 1 or not training:
     return None
   sizes = chunk_sizes(batch, groups)
   return sizes if len(sizes) > 1 else None
+
+
+def in_training(module: nnx.Module) -> bool:
+  """Whether `module`'s BatchNorms use batch statistics (the first BatchNorm found; `model.train()`
+  / `model.eval()` set them all); True when it has none."""
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.BatchNorm):
+      return not node.use_running_average
+  return True
 
 
 def row_sizes(groups: Sequence[int], rows: int) -> Groups:

@@ -227,7 +227,8 @@ class DRSA(nnx.Module):
     _check_frames(frames, "DRSA input")
     b, l = frames.shape[:2]
     parts, maps, _ = self.frame_parts(frames.reshape((b * l,) + frames.shape[2:]),
-                                      batch_norm.tracklet_groups(b, self.bn_groups))
+                                      batch_norm.tracklet_groups(
+                                          b, self.bn_groups, batch_norm.in_training(self)))
     parts = parts.reshape(b, l, self.num_parts, self.part_dim)
     weights, fused = temporal_pool(parts, self.temporal(parts))
     embedding = fused.reshape(b, self.num_parts * self.part_dim)

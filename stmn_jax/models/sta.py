@@ -247,7 +247,8 @@ class STA(nnx.Module):
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"STA input: expected frames (B, L, H, W, 3), got shape {tuple(frames.shape)}")
     b, l = frames.shape[:2]
-    groups = batch_norm.tracklet_groups(b, self.bn_groups)  # None: whole-batch statistics
+    groups = batch_norm.tracklet_groups(
+        b, self.bn_groups, batch_norm.in_training(self))  # None: whole-batch statistics
     v, s, g = self.frame_stripes(frames.reshape((b * l,) + frames.shape[2:]), groups)
     k = self.num_stripes
     attention = frame_attention(s.reshape(b, l, k))

@@ -133,7 +133,8 @@ class STMN(nnx.Module):
           f"STMN: the temporal memory holds attentions over L={self.seq_len} frames "
           f"(config.data.seq_len); got clips of {length} frames")
     x = frames.reshape(b * length, *frames.shape[2:]).astype(self.dtype)
-    groups = batch_norm.tracklet_groups(b, self.bn_groups)  # None: whole-batch statistics
+    # None: whole-batch statistics (one group, or eval mode).
+    groups = batch_norm.tracklet_groups(b, self.bn_groups, batch_norm.in_training(self))
     shared = self.trunk(x, groups)
     value = self.value_stage(shared, groups)  # (BL, h, w, D), >= 0
     _, h, w, d = value.shape
