@@ -55,17 +55,15 @@ PAIRS = (("sm", "baseline"), ("tm", "baseline"), ("stmn", "baseline"),
          ("sm", "sm_nospread"), ("tm", "tm_nospread"))
 # "Settled": over the last SETTLE_WINDOW of training every logged value of a statistic is within
 # SETTLE_REL of its whole movement (|final - first logged|), or within its floor, of the final
-# value. "Moved": the final value is at least MOVED away from the memory's initial state
-# (uniform addressing = entropy 1; no down-weighting = contrast 0; no read-out = ratio 0).
-# A memory frozen near its initial state is "settled" but not "moved" (the v1 failure).
+# value. "Moved": the final value is at least MOVED away from the step-0 value (the pretrained
+# trunk with freshly initialised memories, logged before training). A memory frozen near its
+# initial state is "settled" but not "moved" (the v1 failure).
 SETTLE_TOL = {"spatial_entropy": 0.005, "temporal_entropy": 0.005, "weight_contrast": 0.01,
               "readout_ratio": 0.002}  # floors
 SETTLE_REL = 0.1
 SETTLE_WINDOW = 0.3
 MOVED = {"spatial_entropy": 0.05, "temporal_entropy": 0.05, "weight_contrast": 0.05,
          "readout_ratio": 0.05}
-INITIAL = {"spatial_entropy": 1.0, "temporal_entropy": 1.0, "weight_contrast": 0.0,
-           "readout_ratio": 0.0}
 BEGIN, END = "<!-- ablation-v2:begin -->", "<!-- ablation-v2:end -->"
 
 
@@ -323,36 +321,53 @@ def run_one(p: Protocol, run: Run, root: str, pretrained: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from stmn_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from stmn_jax import run_setup, train, visualize  # pylint: disable=g-import-not-at-top
+  from stmn_jax import train_state as train_lib  # pylint: disable=g-import-not-at-top
   from benchmarks import ablation_v2_memory as mem  # pylint: disable=g-import-not-at-top
 
   config = run_config(p, run, root, pretrained)
   config.train.keep_checkpoints = len(p.stats_steps) + 1
   stats_path = os.path.join(w, "memory_stats.json")
   log = read_json(stats_path) or {"records": [], "seconds": 0.0}
+  have = {r["step"] for r in log["records"]}
+  wanted = [0, *p.stats_steps]  # step 0: the pretrained trunk with freshly initialised memories
+  t0 = time.time()
+  mem_on = bool(config.model.spatial_memory or config.model.temporal_memory)
+  if mem_on:
+    setup = run_setup.prepare_run(config)
+    tracklets = list(setup.test_split.gallery)
+    meta = visualize.synthetic_meta(config, tracklets)
+    ids = mem.pick_tracklets(tracklets, meta, p.stats_tracklets, p.seq_len)
+
+    def record(at, step: int, loss: float | None) -> None:
+      rec = mem.memory_stats_at(at, config, setup.mesh, forward, tracklets, meta, ids)
+      rec.update(step=step, loss=loss)
+      log["records"].append(rec)
+      have.add(step)
+      _log(f"{run} step {step}/{p.steps}: " + ", ".join(
+          f"{k} {rec[k]:.3f}" for k in mem.STAT_KEYS if rec.get(k) is not None))
+
+    if 0 not in have:  # the same initial state train_and_evaluate starts from (same seed)
+      state0, _ = train_lib.create_train_state(config, setup.num_classes,
+                                               setup.steps_per_epoch, setup.mesh)
+      forward = mem.make_stats_forward(state0, setup.mesh)
+      record(state0, 0, None)
+      write_json(stats_path, log)
+  log["stats_seconds"] = log.get("stats_seconds", 0.0) + time.time() - t0
   t0 = time.time()
   state, summary = train.train_and_evaluate(config, w)
   if "test" not in summary:
     raise RuntimeError(f"{w}: training ended without test results")
   log["train_seconds"] = time.time() - t0
   t0 = time.time()
-  have = {r["step"] for r in log["records"]}
-  todo = [s for s in p.stats_steps if s not in have]
-  if todo and has_memory(state):
-    setup = run_setup.prepare_run(config, mesh=None)
-    tracklets = list(setup.test_split.gallery)
-    meta = visualize.synthetic_meta(config, tracklets)
-    ids = mem.pick_tracklets(tracklets, meta, p.stats_tracklets, p.seq_len)
+  todo = [s for s in wanted if s not in have]
+  if todo and mem_on:
     forward = mem.make_stats_forward(state, setup.mesh)
     losses = dict(summary.get("loss_history") or [])
     with ckpt_lib.Checkpointer(w, keep=config.train.keep_checkpoints, read_only=True) as ckpt:
       for step in todo:
         at = dataclasses.replace(state)
         at.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest", step=step))
-        rec = mem.memory_stats_at(at, config, setup.mesh, forward, tracklets, meta, ids)
-        rec.update(step=step, loss=losses.get(step))
-        log["records"].append(rec)
-        _log(f"{run} step {step}/{p.steps}: " + ", ".join(
-            f"{k} {rec[k]:.3f}" for k in mem.STAT_KEYS if rec.get(k) is not None))
+        record(at, step, losses.get(step))
   elif todo:  # no memory: nothing to measure, one empty record per step
     log["records"] += [{"step": s, "clips": 0, **{k: None for k in STATS}} for s in todo]
   log["stats_seconds"] = log.get("stats_seconds", 0.0) + time.time() - t0
@@ -378,7 +393,7 @@ def summarize(p: Protocol, run: Run, log: dict, summary: dict, devices: int) -> 
     tol = max(floor, SETTLE_REL * abs(known[-1] - known[0])) if known else floor
     settle[k] = st.settled(steps, vals, tol, SETTLE_WINDOW)
     settle["steps"][k] = st.settle_step(steps, vals, tol)
-    settle["moved"][k] = abs(known[-1] - INITIAL[k]) >= MOVED[k] if known else None
+    settle["moved"][k] = abs(known[-1] - known[0]) >= MOVED[k] if known else None
   flags = [settle[k] for k in SETTLE_TOL if settle[k] is not None]
   settle["all"] = all(flags) if flags else None
   moved = [v for v in settle["moved"].values() if v is not None]
@@ -460,7 +475,8 @@ def estimate(p: Protocol, runs: Sequence[Run], cost: dict[str, float], done: int
   per_run = {}
   for v in {r.variant for r in runs}:
     per_run[v] = (p.steps * cost["step_s"].get(v, max(cost["step_s"].values()))
-                  + cost["eval_s"] + cost["overhead_s"] + len(p.stats_steps) * cost["stats_s"])
+                  + cost["eval_s"] + cost["overhead_s"]
+                  + (len(p.stats_steps) + 1) * cost["stats_s"])  # + the step-0 pass
   todo = list(runs)[done:]
   runs_s = sum(per_run[r.variant] for r in todo)
   pre_s = 0.0 if pretrained else p.pretrain_steps * cost["pretrain_step_s"] + cost["eval_s"]

@@ -142,7 +142,7 @@ def memory_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
                  variants: Sequence[str]) -> str:
   """Markdown: the memory statistics at the end of training (mean over seeds), how many runs
   had settled (every statistic within its tolerance over the last window) and how many had
-  moved (some statistic away from the memory's initial state: `ablation_v2.MOVED`)."""
+  moved (some statistic away from its step-0 value: `ablation_v2.MOVED`)."""
   keys = (("spatial_entropy", "SM entropy / log M"), ("temporal_entropy", "TM entropy / log N"),
           ("weight_contrast", "L (w_clean - w_distractor)"),
           ("readout_ratio", "‖BN(read-out)‖ / ‖f_o‖"))

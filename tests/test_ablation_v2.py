@@ -49,7 +49,7 @@ def test_every_run_finished_with_results_and_statistics(toy):
       assert (res["family"], res["variant"], res["seed"]) == ("all", variant, seed)
       assert 0.0 <= res["test"]["mAP"] <= 1.0 and res["num_query"] > 0
       log = json.loads((w / "all" / variant / f"seed{seed}" / "memory_stats.json").read_text())
-      assert [r["step"] for r in log["records"]] == p.stats_steps == [2, 4]
+      assert [r["step"] for r in log["records"]] == [0, *p.stats_steps] == [0, 2, 4]
       ckpts = sorted(x.name for x in (w / "all" / variant / f"seed{seed}" / "checkpoints").iterdir()
                      if x.name.isdigit())
       assert ckpts == ["4"]  # intermediate checkpoints deleted once their statistics are logged
@@ -116,7 +116,7 @@ def test_rerun_skips_finished_runs(toy, monkeypatch):
   assert plan.count(" done ") == 4 and plan.count(" todo ") == 2
   # Two runs left, pretraining cached; data_s counts each family of the runs left (an upper bound).
   p = v2.PROTOCOLS["toy"]
-  n = len(p.stats_steps)
+  n = len(p.stats_steps) + 1  # statistics passes: step 0 and every interval
   per = {"baseline": p.steps * 1.0 + 3.0 + 1.0 + n * 0.5, "stmn": p.steps * 2.0 + 3.0 + 1.0 + n * 0.5}
   assert f"total {(per['baseline'] + per['stmn'] + 10.0) / 3600:.2f} h" in plan
 
