@@ -14,15 +14,20 @@ The protocol (the reasons are in docs/RESULTS.md, "Ablation v2: protocol and pla
    misalignment, intruders only), `all`, `none`; illumination and sensor noise stay on in all.
 3. Runs: family x variant x seed, each fine-tuned from the trunk for `steps` steps at
    `height` x `width` with last stride 1 (an 8 x 4 map at 128 x 64), evaluated once on the test
-   split (all-frames clips, flip averaged). Every `stats_every` steps the memory statistics of
-   `ablation_v2_memory` are logged to `memory_stats.json` (see `SETTLE_TOL` for "settled").
+   split (all-frames clips, flip averaged). A checkpoint is kept every `stats_every` steps;
+   after training the memory statistics of `ablation_v2_memory` at step 0 (before training) and
+   at every kept checkpoint are logged to `memory_stats.json` (`SETTLE_TOL`, `MOVED`: the
+   "settled" and "moved" flags of `result.json`).
 4. Table: per family, mean ± sd per variant and paired differences with 95% t intervals over
    seeds (`ablation_v2_stats`), the memory statistics, figures; `--results_md` gets the section.
 
 Resume: each run writes `result.json` last and atomically; a rerun skips finished runs and a
 killed run resumes from its newest checkpoint (every `stats_every` steps) with its statistics.
 Runs are ordered seed-major, so a cut-off table still has every family x variant at the first
-seeds. `--shard=i/k` runs every k-th run (two processes on two cores share the plan).
+seeds. `--stop_after_h` starts no new run after that many hours (a rerun continues).
+`--jobs=k` prepares data and the trunk, then runs k single-thread `--shard=i/k` processes (each
+runs every k-th run), as the v1 runner's two jobs; `--measure` writes `<workdir>/cost.json`
+(`ablation_v2_cost`), which `--dry_run` reads (else the committed `ablation_v2_pilot.json`).
 """
 
 from __future__ import annotations
