@@ -5,10 +5,11 @@ Two managers under the workdir:
   training resumes from the newest one. Each step holds two items: `default` (the state,
   `args.StandardSave`) and `selection` (`args.JsonSave`, `SelectionState`: the validation
   history, the best step and score, the loss history). Both are committed together (one
-  atomic rename of the step folder), so a resumed run knows exactly which evaluations up to
-  its step are done and which checkpoint is the best, and which selection options made them
-  (`stmn_jax/selection.py`). Checkpoints of older versions have no `selection` item:
-  `restore_selection` returns None for them.
+  atomic rename of the step folder; in a bucket, where a rename is a copy, orbax writes the
+  step in place and commits it with a `commit_success.txt` object), so a resumed run knows
+  exactly which evaluations up to its step are done and which checkpoint is the best, and
+  which selection options made them (`stmn_jax/selection.py`). Checkpoints of older versions
+  have no `selection` item: `restore_selection` returns None for them.
 - `WORKDIR/best`: one checkpoint, the best by the selection metric and tie rule
   (`config.train.select_metric`, `select_ties`; on the split `select_on`), its metrics stored
   by orbax. The caller decides which step is the best; `best/` keeps every save until the new
@@ -47,9 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from stmn_jax import errors
 from stmn_jax import selection as selection_lib
+from stmn_jax import workdir_io
 
 BEST_METRIC = "mAP"  # the default selection metric (and the only one of older versions)
 STATE_ITEM = "default"  # the item name orbax gives a single-item checkpoint (older versions)
@@ -154,6 +157,11 @@ class SelectionState:
     )
 
 
+def _join(folder: str, name: str) -> str:
+  """`folder/name` through epath (a local path or a `gs://` URI), as a string."""
+  return str(epath.Path(folder) / name)
+
+
 # ------------------------------------------------------------------------------ checkpointer
 class Checkpointer:
   """Latest-N (with selection state) and best checkpoints of one training run."""
@@ -161,9 +169,10 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"config.train.keep_checkpoints = {keep}: expected >= 1")
-    self.workdir = os.path.abspath(workdir)
-    self.latest_dir = os.path.join(self.workdir, "checkpoints")
-    self.best_dir = os.path.join(self.workdir, "best")
+    # Path strings (absolute; a gs:// workdir as it is): orbax takes them as epath.Paths.
+    self.workdir = str(workdir_io.workdir_path(workdir))
+    self.latest_dir = _join(self.workdir, "checkpoints")
+    self.best_dir = _join(self.workdir, "best")
     self.read_only = read_only
     # Multi-item manager: mode fixed here, so the step folders' contents never switch it (a
     # state-only folder of an older version restores through the same `Composite` args).
@@ -227,11 +236,11 @@ class Checkpointer:
 
   def has_selection(self, step: int) -> bool:
     """Whether latest checkpoint `step` holds a selection state (False: an older version)."""
-    return os.path.isdir(os.path.join(self.latest_dir, str(step), SELECTION_ITEM))
+    return (epath.Path(self.latest_dir) / str(step) / SELECTION_ITEM).is_dir()
 
   # ------------------------------------------------------------------ errors
   def _raise(self, which: str, step: int | None, exc: BaseException) -> None:
-    path = os.path.join(self._dir(which), str(step) if step is not None else "")
+    path = _join(self._dir(which), str(step)) if step is not None else self._dir(which)
     what = f"{which} checkpoint of step {step}" if step is not None else f"{which} checkpoint"
     raise CheckpointError(f"saving the {what} to {path} failed: {_error_reason(exc)}") from exc
 
@@ -274,7 +283,7 @@ class Checkpointer:
       saved = self._latest.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._raise("latest", step, e)
-    self._unchecked["latest"] = (step, os.path.join(self.latest_dir, str(step)))
+    self._unchecked["latest"] = (step, _join(self.latest_dir, str(step)))
     return saved
 
   def save_best(self, step: int, tree: Any, metrics: dict) -> None:
@@ -297,7 +306,7 @@ class Checkpointer:
                       force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._raise("best", step, e)
-    self._unchecked["best"] = (step, os.path.join(self.best_dir, str(step)))
+    self._unchecked["best"] = (step, _join(self.best_dir, str(step)))
 
   def maybe_save_best(self, step: int, tree: Any, metrics: dict) -> bool:
     """Saves `tree` in `best/` if `metrics[BEST_METRIC]` beats the stored best."""
@@ -343,8 +352,8 @@ class Checkpointer:
       return
     if b != step:
       raise CheckpointError(
-          f"{os.path.join(self.best_dir, str(b))}: the best checkpoint named by "
-          f"{os.path.join(self.latest_dir, str(step))} is missing")
+          f"{_join(self.best_dir, str(b))}: the best checkpoint named by "
+          f"{_join(self.latest_dir, str(step))} is missing")
     self.save_best(step, tree, selection.best_metrics or {})
 
   # ------------------------------------------------------------------ restoring

@@ -22,7 +22,6 @@ failed background save stops the run after the current step with a
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from jax.sharding import Mesh
 
 from data_pipelines import pipeline
@@ -43,6 +43,7 @@ from stmn_jax import run_setup
 from stmn_jax import selection as selection_lib
 from stmn_jax import sharding
 from stmn_jax import train_state as train_state_lib
+from stmn_jax import workdir_io
 
 
 def _fetch_and_check(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
@@ -82,7 +83,7 @@ def train_and_evaluate(
   """
   setup = run_setup.prepare_run(config, mesh=mesh, split=split)
   mesh = setup.mesh
-  os.makedirs(workdir, exist_ok=True)
+  workdir_io.workdir_path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   train_split, sel_split, test_split = setup.train_split, setup.selection_split, setup.test_split
   sel_label, num_classes, spe = setup.selection, setup.num_classes, setup.steps_per_epoch
   total_steps = config.optim.num_epochs * spe
@@ -136,13 +137,13 @@ def _resume(
     return ckpt_lib.SelectionState(options=options), False
   selection = ckpt.restore_selection(latest)
   selection_lib.check_resumable(None if selection is None else selection.options, options,
-                                os.path.join(ckpt.latest_dir, str(latest)))
+                                str(epath.Path(ckpt.latest_dir) / str(latest)))
   state.load_checkpoint_tree(ckpt.restore(state.checkpoint_tree(), "latest"))
   if selection is None:
     selection = ckpt.legacy_selection(latest)
     logging.warning(
         "%s has no selection state (an older version wrote it): the evaluation history "
-        "before step %d is lost; best so far: %s", os.path.join(ckpt.latest_dir, str(latest)),
+        "before step %d is lost; best so far: %s", epath.Path(ckpt.latest_dir) / str(latest),
         latest, "none" if selection.best_step is None else f"step {selection.best_step}")
     redo = is_eval_step(latest)
   else:

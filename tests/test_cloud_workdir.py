@@ -181,3 +181,77 @@ def test_features_figures_and_visrank_in_a_bucket(gcs, tmp_path):
       "gallery_top001_TRUE", "gallery_top002_FALSE", "query_top000"]
   assert os.listdir(_local(gcs, "visrank", "t0_f0", "gallery_top001_TRUE")) == ["t2_f0.jpg"]
   assert not os.path.exists(tmp_path / "cwd" / "features")
+
+
+def _train_config(root):
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+
+  config = synthetic.get_config("baseline,smoke")  # the cheapest model to compile
+  config.dataset.root = str(root)
+  config.model.depth, config.model.width = 18, 0.125
+  config.data.eval_batch_size = 16
+  config.optim.num_epochs = 1  # 4 steps, one validation, checkpoints at steps 4 (and best)
+  return config
+
+
+@pytest.mark.slow
+def test_train_resume_eval_extract_in_a_bucket(gcs, tmp_path, monkeypatch, fast_compiles):
+  """A whole run with `--workdir=gs://...`: train (checkpoints, best/, TensorBoard, results),
+  a second train run that resumes from the bucket, eval, extract and visualize's scalar reader.
+  Every workdir access goes through epath (the fake fails os-level ones) or orbax."""
+  del fast_compiles
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  from stmn_jax import app  # pylint: disable=g-import-not-at-top
+  from stmn_jax import visualize  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(workdir_lock, "SETTLE_S", 0.01)
+  # clu's TensorBoard writer goes through TensorFlow's own filesystem (gs:// included), which
+  # the fake cannot reach: it is handed the mapped folder, and must have been given the URI.
+  logdirs, real_writer = [], metric_writers.create_default_writer
+  monkeypatch.setattr(metric_writers, "create_default_writer", lambda logdir, **kw: (
+      logdirs.append(logdir), real_writer(gcs.local(logdir), **kw))[1])
+  config = _train_config(tmp_path / "data")
+  local = gcs.local(W)
+
+  summary = app.run(config, W, "train")
+  assert logdirs == [W]
+  results = json.loads(open(os.path.join(local, "results.json")).read())
+  assert results["step"] == summary["step"] == results["total_steps"]
+  step = results["step"]
+  names = set(os.listdir(local))
+  assert {"results.json", "checkpoints", "best"} <= names, names
+  assert not names & {".lock", ".lock.flock"}, names  # the lock object was deleted
+  assert any(n.startswith("events.out.tfevents") for n in names), names
+  # Orbax took its gs:// route: steps committed by a marker file, not by a rename.
+  assert os.path.exists(os.path.join(local, "checkpoints", str(step), "commit_success.txt"))
+  assert os.listdir(os.path.join(local, "best")) == [str(results["history"][-1]["step"])]
+  assert ("open:w", f"{W}/results.json") in gcs.calls
+  assert os.listdir(".") == ["gs:"]  # nothing went to a local `gs:/...` tree
+
+  # A second run resumes from the bucket's newest checkpoint: nothing left to train.
+  again = app.run(config, W, "train")
+  assert again["step"] == step and again["history"] == results["history"]
+  np.testing.assert_allclose(again["test"]["mAP"], results["test"]["mAP"], atol=1e-6)
+
+  evaluated = app.run(config, W, "eval")
+  np.testing.assert_allclose(evaluated["test"]["mAP"], results["test"]["mAP"], atol=1e-6)
+  assert json.loads(open(os.path.join(local, "results.json")).read())["mode"] == "eval"
+
+  extracted = app.run(config, W, "extract", split="query")
+  assert extracted["embeddings"] == f"{W}/features/query.npy"
+  feats, pids, _ = features_io.read_arrays(extracted["embeddings"])
+  assert feats.shape[0] == len(pids) == extracted["num_tracklets"]
+  assert sorted(os.listdir(os.path.join(local, "features"))) == ["query.csv", "query.npy"]
+
+  # ONNX export (through epath) and the parameters checkpoint (orbax) into the bucket. The
+  # SavedModel format is left out: TensorFlow writes it through its own filesystem.
+  exported = app.run(config, W, "export", export_format="onnx")
+  assert exported["onnx"] == f"{W}/export/model.onnx"
+  assert exported["params"] == f"{W}/export/params"
+  assert open(_local(gcs, "export", "model.onnx"), "rb").read(2)  # a non-empty file
+  assert os.path.exists(_local(gcs, "export", "params", "commit_success.txt"))
+
+  scalars = visualize.read_scalars(W)  # the event files, read back through epath
+  assert len(scalars["train_loss"][0]) == len(results["loss_history"])
+  assert os.listdir(".") == ["gs:"]
