@@ -119,6 +119,12 @@ PROTOCOLS = {
 }
 
 
+def wpath(root: str, *parts: str) -> str:
+  """`root/parts...` as an absolute path string (`etils.epath`, so workdirs may be cloud paths)."""
+  base = epath.Path(root)
+  return os.fspath((base if "://" in os.fspath(root) else base.resolve()).joinpath(*parts))
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   family: str
@@ -126,7 +132,7 @@ class Run:
   seed: int
 
   def workdir(self, root: str) -> str:
-    return os.path.join(os.path.abspath(root), self.family, self.variant, f"seed{self.seed}")
+    return wpath(root, self.family, self.variant, f"seed{self.seed}")
 
 
 def plan_runs(families: Sequence[str], variants: Sequence[str],
@@ -221,11 +227,11 @@ def pretrain_config(p: Protocol, root: str):
 
 
 def data_root(root: str, name: str) -> str:
-  return os.path.join(os.path.abspath(root), "data", name)
+  return wpath(root, "data", name)
 
 
 def trunk_path(root: str) -> str:
-  return os.path.join(os.path.abspath(root), "pretrained", "trunk.npz")
+  return wpath(root, "pretrained", "trunk.npz")
 
 
 # ------------------------------------------------------------------------------ files
@@ -277,13 +283,14 @@ def pretrain(p: Protocol, root: str) -> str:
   """Trains the baseline on the pretraining benchmark (resumable) and writes the trunk file;
   a no-op when the file exists."""
   path = trunk_path(root)
-  record = os.path.join(os.path.dirname(path), "pretrain.json")
+  record = wpath(root, "pretrained", "pretrain.json")
   if epath.Path(path).exists():
     made = (read_json(record) or {}).get("recipe")
     if made is not None and made != pretrain_recipe(p):
       raise ValueError(f"{path} was pretrained with another recipe than this protocol's "
                        f"({record}: {made} vs {pretrain_recipe(p)}); delete "
-                       f"{os.path.dirname(path)} (and {root}/pretrain) to pretrain again")
+                       f"{wpath(root, 'pretrained')} (and {wpath(root, 'pretrain')}) to "
+                       "pretrain again")
     return path
   from stmn_jax import train  # pylint: disable=g-import-not-at-top
   from benchmarks import ablation_v2_memory as mem  # pylint: disable=g-import-not-at-top
@@ -292,7 +299,7 @@ def pretrain(p: Protocol, root: str) -> str:
   _log(f"pretraining ({p.pretrain_steps} steps; {n} identities checked disjoint) -> {path}")
   t0 = time.time()
   state, summary = train.train_and_evaluate(pretrain_config(p, root),
-                                            os.path.join(os.path.abspath(root), "pretrain"))
+                                            wpath(root, "pretrain"))
   mem.export_trunk(state.model(), path)
   write_json(record,
              {"seconds": time.time() - t0, "steps": p.pretrain_steps,
@@ -320,7 +327,7 @@ def run_one(p: Protocol, run: Run, root: str, pretrained: str) -> dict:
   training at each interval: one `train_and_evaluate` call per run (the pilot measured about
   24 s of set-up, tracing and checkpoint overhead per call under load)."""
   w = run.workdir(root)
-  done = read_json(os.path.join(w, "result.json"))
+  done = read_json(wpath(w, "result.json"))
   if done is not None:
     return done
   import jax  # pylint: disable=g-import-not-at-top
@@ -331,7 +338,7 @@ def run_one(p: Protocol, run: Run, root: str, pretrained: str) -> dict:
 
   config = run_config(p, run, root, pretrained)
   config.train.keep_checkpoints = len(p.stats_steps) + 1
-  stats_path = os.path.join(w, "memory_stats.json")
+  stats_path = wpath(w, "memory_stats.json")
   log = read_json(stats_path) or {"records": [], "seconds": 0.0}
   have = {r["step"] for r in log["records"]}
   wanted = [0, *p.stats_steps]  # step 0: the pretrained trunk with freshly initialised memories
@@ -379,7 +386,7 @@ def run_one(p: Protocol, run: Run, root: str, pretrained: str) -> dict:
   log["seconds"] = log["train_seconds"] + log["stats_seconds"]
   write_json(stats_path, log)
   result = summarize(p, run, log, summary, jax.device_count())
-  write_json(os.path.join(w, "result.json"), result)
+  write_json(wpath(w, "result.json"), result)
   for step in p.stats_steps[:-1]:  # keep the final checkpoint only (figures, inspection)
     epath.Path(w, "checkpoints", str(step)).rmtree(missing_ok=True)
   return result
@@ -458,7 +465,7 @@ def run_jobs(a: argparse.Namespace, argv: Sequence[str], p: Protocol, runs: Sequ
   for i in range(a.jobs):
     log = epath.Path(a.workdir).resolve() / f"shard{i}.log"
     cmd = [sys.executable, "-m", "benchmarks.ablation_v2", *args, f"--shard={i}/{a.jobs}",
-           "--no_report", f"--workdir={os.path.abspath(a.workdir)}"]
+           "--no_report", f"--workdir={wpath(a.workdir)}"]
     _log(f"shard {i}: {' '.join(cmd)} > {log}")
     with log.open("a") as f:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
@@ -467,7 +474,7 @@ def run_jobs(a: argparse.Namespace, argv: Sequence[str], p: Protocol, runs: Sequ
 
 
 def collect(root: str, runs: Sequence[Run]) -> list[dict]:
-  return [r for r in (read_json(os.path.join(x.workdir(root), "result.json")) for x in runs)
+  return [r for r in (read_json(wpath(x.workdir(root), "result.json")) for x in runs)
           if r is not None]
 
 
@@ -518,7 +525,7 @@ def plan_text(p: Protocol, runs: Sequence[Run], root: str, cost: dict | None) ->
 
 
 def cost_path(root: str) -> str:
-  return os.path.join(os.path.abspath(root), "cost.json")
+  return wpath(root, "cost.json")
 
 
 PILOT_COST = os.path.join(REPO, "benchmarks", "ablation_v2_pilot.json")
@@ -576,7 +583,7 @@ def enable_compile_cache(path: str) -> None:
   """Every run after the first of a variant loads its compiled programs from `path`."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_compilation_cache_dir", wpath(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
@@ -612,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f"--seeds={a.seeds!r} / --shard={a.shard!r}: expected integers "
                      "(seeds: a comma list; shard: i/k with 0 <= i < k)") from None
   runs = plan_runs(families, variants, seeds)
-  cache = os.path.join(a.workdir, "jax_cache") if a.jax_cache is None else a.jax_cache
+  cache = wpath(a.workdir, "jax_cache") if a.jax_cache is None else a.jax_cache
   if cache and not a.dry_run:
     enable_compile_cache(cache)
   if a.measure:

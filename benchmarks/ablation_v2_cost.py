@@ -88,7 +88,7 @@ def measure(p: v2.Protocol, root: str, variants: Sequence[str],
 
   cost: dict[str, Any] = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "load1_before": os.getloadavg()[0], "step_s": {}, "compile_s": {}}
-  pilot = os.path.join(os.path.abspath(root), "pilot")
+  pilot = v2.wpath(root, "pilot")
   t = time.time()
   synthetic.ensure_generated(v2.data_root(pilot, "all"), v2.family_knobs(p, "all"))
   cost["data_s"] = time.time() - t

@@ -45,7 +45,7 @@ def command(a: Any) -> str:
 
 
 def stats_series(root: str, run: v2.Run) -> list[dict]:
-  log = v2.read_json(os.path.join(run.workdir(root), "memory_stats.json")) or {}
+  log = v2.read_json(v2.wpath(run.workdir(root), "memory_stats.json")) or {}
   return sorted(log.get("records", []), key=lambda r: r["step"])
 
 
