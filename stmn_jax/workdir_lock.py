@@ -1,7 +1,7 @@
 """One run per workdir: an exclusive lock, taken before a run's work starts and held to its end.
 
-Local workdirs (and mounted ones: NFS, a GCS FUSE mount is not one, see below) use a kernel
-lock; object-store workdirs (`gs://...`, `workdir_io.is_local` False) a lock object.
+Local and mounted workdirs (NFS) use a kernel lock; object-store workdirs (`gs://...`,
+`workdir_io.is_local` False) a lock object (below).
 
 Files in a local workdir:
 - `.lock.flock`: an empty file that the kernel locks with `fcntl.lockf` (a POSIX record lock).
@@ -29,10 +29,10 @@ Object stores (`gs://`): `fcntl` cannot lock an object, and epath has no conditi
 (create-if-absent), so the lock is the `.lock` object itself, holding the same JSON plus
 `heartbeat_unix`:
 - taking it: read `.lock`; a record whose heartbeat is younger than `STALE_S` refuses the run
-  (naming the holder); otherwise (none, or stale: the holder was killed or preempted) write
-  ours, wait `SETTLE_S`, read it back, and refuse the run if another run's record is there
-  now (last writer wins: of two runs that raced, the later write keeps the lock and the other
-  backs off);
+  (naming the holder); otherwise (none, unreadable, or stale: the holder was killed or
+  preempted) write ours, wait `SETTLE_S`, read it back, and refuse the run if another run's
+  record is there now (last writer wins: of two runs that raced, the later write keeps the
+  lock and the other backs off);
 - holding it: a daemon thread rewrites `heartbeat_unix` every `HEARTBEAT_S`; if it finds
   another run's record (it took over a lock it thought stale) it logs an error and stops;
 - releasing it: the heartbeat stops and `.lock` is deleted if it still names this run.
