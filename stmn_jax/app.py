@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import os
 from typing import Callable, Sequence
 
@@ -33,6 +32,7 @@ import ml_collections
 from absl import logging
 
 from stmn_jax import errors
+from stmn_jax.config_files import load_config_file  # re-exported: tests and benchmarks use app's
 from stmn_jax import results as results_lib
 from stmn_jax import workdir_lock
 
@@ -95,19 +95,6 @@ def default_workdir(config_arg: str) -> str:
   name = os.path.splitext(os.path.basename(path))[0]
   words = [w.strip() for w in arg.split(",") if w.strip()]
   return os.path.join("workdir", "_".join([name, *words]))
-
-
-def load_config_file(config_arg: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` as config_flags does (its `get_config(arg)`)."""
-  path, sep, arg = config_arg.partition(":")
-  if not os.path.isfile(path):
-    raise errors.ConfigFileNotFoundError(f"--config={config_arg}: no config file {path}")
-  spec = importlib.util.spec_from_file_location("_stmn_config_check", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise errors.ConfigError(f"--config={config_arg}: {path} has no get_config()")
-  return module.get_config(arg) if sep else module.get_config()
 
 
 def config_overrides(argv: Sequence[str]) -> tuple[str | None, list[str]]:

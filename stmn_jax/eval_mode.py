@@ -42,7 +42,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from stmn_jax import app
+from stmn_jax import config_files
 from stmn_jax import errors
 from stmn_jax import evaluators
 from stmn_jax import inference
@@ -118,7 +118,7 @@ def cross_dataset_eval(config: ml_collections.ConfigDict, workdir: str, eval_con
   """Tests the model of `workdir` (trained with `config`) on the test split of the dataset of
   `eval_config` (`path.py[:words]`); writes `W/results_<eval dataset>.json` (module docstring).
   The eval config is loaded and checked before the workdir is read."""
-  cross = cross_dataset_config(config, app.load_config_file(eval_config), eval_config)
+  cross = cross_dataset_config(config, config_files.load_config_file(eval_config), eval_config)
   logging.info("cross-dataset eval: the model of %s (trained on %s) on the test split of %s "
                "(%s, root %s)", workdir, config.dataset.name, cross.dataset.name, eval_config,
                cross.dataset.root)

@@ -29,7 +29,7 @@ FORBIDDEN = (
 ALLOWED = {
     ("stmn_jax/app.py", "default_workdir", "os.path.join"):
         "builds the default workdir string `workdir/<config>` (relative, local); no file access",
-    ("stmn_jax/app.py", "load_config_file", "os.path.isfile"):
+    ("stmn_jax/config_files.py", "load_config_file", "os.path.isfile"):
         "the --config file (user input, a local Python file)",
     ("stmn_jax/features_io.py", "write_features", "numpy.save"):
         "writes into a file object opened through epath",
