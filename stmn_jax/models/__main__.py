@@ -21,12 +21,17 @@ from ml_collections import config_flags
 from stmn_jax import models
 from stmn_jax.models import memory
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<dataset>.py[:words]).")
-_NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", 625,
-    "Training identities C (MARS: 625; 500 with the 125-id validation hold-out).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program (importing
+  `summarize`, as the tests do, must not define a global `--config` that main.py defines too)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/<dataset>.py[:words]).")
+  flags.DEFINE_integer(
+      "num_classes", 625,
+      "Training identities C (MARS: 625; 500 with the 125-id validation hold-out).")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
 def summarize(config, num_classes: int) -> dict:
@@ -48,11 +53,11 @@ def summarize(config, num_classes: int) -> dict:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/mars.py:baseline")
-  s = summarize(config, _NUM_CLASSES.value)
-  if _JSON.value:
+  s = summarize(config, FLAGS.num_classes)
+  if FLAGS.json:
     print(json.dumps(s))
     return
   m = config.model
@@ -68,4 +73,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
