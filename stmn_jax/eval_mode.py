@@ -33,11 +33,8 @@ of the same name replaces it, as a later same-dataset eval replaces results.json
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Mapping
 
-import jax
 import ml_collections
 from absl import logging
 from etils import epath
@@ -48,7 +45,6 @@ from stmn_jax import evaluators
 from stmn_jax import inference
 from stmn_jax import ranking
 from stmn_jax import results as results_lib
-from stmn_jax import workdir_io
 
 # Fields of the eval config's `data` section that say where its frames are (the rest of
 # `data` is the model's input pipeline and comes from the training config).
@@ -101,19 +97,6 @@ def cross_results_path(workdir: str, dataset_name: str) -> epath.Path:
   return epath.Path(workdir) / f"results_{dataset_name}.json"
 
 
-def write_json(path: epath.Path, summary: Mapping[str, Any]) -> epath.Path:
-  """Writes `summary` (through `ranking.json_ready`) to `path` on process 0, atomically
-  (`workdir_io.write_text_atomic`, as results.json); raises WorkdirNotWritableError naming the
-  path when it cannot."""
-  if jax.process_index() == 0:
-    text = json.dumps(ranking.json_ready(summary), indent=2, sort_keys=True)
-    try:
-      workdir_io.write_text_atomic(path, text)
-    except workdir_io.io_errors() as e:
-      raise errors.WorkdirNotWritableError(f"cannot write {path}: {e}") from e
-  return path
-
-
 def cross_dataset_eval(config: ml_collections.ConfigDict, workdir: str, eval_config: str) -> dict:
   """Tests the model of `workdir` (trained with `config`) on the test split of the dataset of
   `eval_config` (`path.py[:words]`); writes `W/results_<eval dataset>.json` (module docstring).
@@ -136,5 +119,5 @@ def cross_dataset_eval(config: ml_collections.ConfigDict, workdir: str, eval_con
       "eval_config": eval_config, "num_query": len(test.query),
       "num_gallery": len(test.gallery), "test": res, "results_file": os.fspath(path),
   }
-  write_json(path, summary)
+  results_lib.write_json(path, summary)
   return summary

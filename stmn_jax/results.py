@@ -57,14 +57,20 @@ def write_results(workdir: str, summary: Mapping[str, Any]) -> str:
 
   Raises WorkdirNotWritableError (naming the path and the OS error) when it cannot.
   """
-  path = results_path(workdir)
+  return str(write_json(results_path(workdir), summary))
+
+
+def write_json(path: epath.Path, summary: Mapping[str, Any]) -> epath.Path:
+  """Writes `summary` (through `ranking.json_ready`) to `path` on process 0, atomically
+  (`workdir_io.write_text_atomic`: temp file + rename locally, one object write in a bucket);
+  raises WorkdirNotWritableError naming the path when it cannot. Returns `path`."""
   if jax.process_index() == 0:
     text = json.dumps(ranking.json_ready(summary), indent=2, sort_keys=True)
     try:
       workdir_io.write_text_atomic(path, text)
     except workdir_io.io_errors() as e:
       raise errors.WorkdirNotWritableError(f"cannot write {path}: {e}") from e
-  return str(path)
+  return path
 
 
 def scalars(prefix: str, results: Mapping[str, Any]) -> dict[str, float]:
