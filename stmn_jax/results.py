@@ -40,8 +40,7 @@ def check_writable(workdir: str) -> None:
   try:
     if workdir_io.is_local(path):
       existed = path.exists()
-      with path.open("a"):  # opened for appending: nothing is written
-        pass
+      path.open("a").close()  # opened for appending and closed: nothing is written
       if not existed:
         path.unlink()
     else:

@@ -58,6 +58,11 @@ def test_unknown_and_bad_knobs_are_clear_errors():
     make_spec(layout="lsvid")
   with pytest.raises(ValueError, match="'num_train_ids': expected an integer"):
     make_spec(num_train_ids="many")
+  with pytest.raises(ValueError, match="'occlusion_prob': expected a number"):
+    make_spec(occlusion_prob="often")
+  # Command-line strings that are numbers are taken as numbers.
+  assert make_spec(num_train_ids="12").num_train_ids == 12
+  assert make_spec(occlusion_prob="0.25").occlusion_prob == 0.25
   with pytest.raises(ValueError, match="'min_cameras_per_id'.*cross-camera"):
     make_spec(min_cameras_per_id=1)
   # CLI strings are converted to the knob's type.

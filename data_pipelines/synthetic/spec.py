@@ -9,6 +9,8 @@ frames it touches); any of the three at 0 turns the distractor off.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from typing import Any, Mapping
 
@@ -105,10 +107,8 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
       return int(value)
     if isinstance(value, str):
-      try:
+      with contextlib.suppress(ValueError):  # not a number: the error below names the field
         return int(value)
-      except ValueError:
-        pass
     raise _error(name, "an integer", value)
   if kind is float:
     if isinstance(value, bool):
@@ -116,10 +116,8 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
     if isinstance(value, (int, float)):
       return float(value)
     if isinstance(value, str):
-      try:
+      with contextlib.suppress(ValueError):  # not a number: the error below names the field
         return float(value)
-      except ValueError:
-        pass
     raise _error(name, "a number", value)
   if kind is str:
     if isinstance(value, str):
