@@ -24,6 +24,8 @@ reproduced: our models gather at `argmax` positions).
 
 from __future__ import annotations
 
+import hashlib
+
 import string
 from typing import Any, Callable, Sequence
 
@@ -82,7 +84,7 @@ class GraphBuilder:
     array = np.ascontiguousarray(np.asarray(value, dtype))
     if array.dtype == np.float64 and dtype is None:
       array = array.astype(np.float32)
-    key = (array.dtype.str, array.shape, array.tobytes())
+    key = (array.dtype.str, array.shape, hashlib.sha256(array).digest())  # no weight copy
     if key not in self._consts:
       self._consts[key] = self.name("c")
       self.initializers.append(numpy_helper.from_array(array, self._consts[key]))
@@ -123,10 +125,19 @@ def _name(g: GraphBuilder, value: Any, dtype: Any = None) -> str:
   return g.const(value, dtype) if isinstance(value, np.ndarray) else value
 
 
-def _inner(params: dict) -> jcore.ClosedJaxpr | None:
-  """The body of a call-like primitive (jit, custom_jvp_call, custom_vjp_call), else None."""
+# Primitives that call their body once: inlined. A primitive that loops over its body (scan,
+# while, cond) also keeps a jaxpr in its params but is not a call: it needs a rule of its own.
+_CALLS = frozenset({
+    "pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+    "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def _inner(eqn: Any) -> jcore.ClosedJaxpr | None:
+  """The body of a call primitive (`_CALLS`: jit, custom_jvp_call, ...), else None."""
+  if eqn.primitive.name not in _CALLS:
+    return None
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    body = params.get(key)
+    body = eqn.params.get(key)
     if isinstance(body, jcore.ClosedJaxpr):
       return body
     if isinstance(body, jcore.Jaxpr):
@@ -156,7 +167,7 @@ def convert_jaxpr(g: GraphBuilder, closed: jcore.ClosedJaxpr, inputs: Sequence[A
     env.write(var, value)
   for eqn in closed.jaxpr.eqns:
     args = [env.read(a) for a in eqn.invars]
-    body = _inner(eqn.params)
+    body = _inner(eqn)
     if body is not None:
       outs = convert_jaxpr(g, body, args)
     else:

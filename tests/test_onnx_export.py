@@ -96,6 +96,17 @@ def test_primitive_without_rule_is_named():
                             (L, 2, 2, 3))
 
 
+def test_loop_primitive_is_not_inlined_as_a_call():
+  """A scan keeps its body in its params as a call does, but loops: without a rule it must be
+  refused, not inlined once over the whole input (a wrong graph that still checks)."""
+  def fn(frames):
+    x = frames.astype(jnp.float32).reshape(frames.shape[0], -1)
+    _, ys = jax.lax.scan(lambda c, row: (c + row, c * row), jnp.zeros(x.shape[1:]), x)
+    return ys[:, :4]
+  with pytest.raises(NotImplementedError, match=r"no rule for the jax primitive 'scan'"):
+    onnx_export.build_model(fn, (L, 2, 2, 3))
+
+
 def test_gather_rule_matches_take_along_axis(tmp_path):
   """The gather rule on its own (STA's best-stripe pick): take_along_axis at argmax positions,
   a (1, D) output as build_model expects."""
