@@ -69,6 +69,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"config.train.select_on = 'none' uses no validation ids, but config.dataset.num_val_ids"
         f" = {num_val} would hold them out of training: set num_val_ids = 0")
+  if t.select_on != "none" and not eval_epochs(config):
+    raise errors.ConfigError(
+        f"config.train.select_on = {t.select_on!r} scores no epoch: none of 1 .. "
+        f"optim.num_epochs = {config.optim.num_epochs} has (epoch + eval_epoch_offset = "
+        f"{t.eval_epoch_offset}) a multiple of eval_every_epochs = {t.eval_every_epochs}, and "
+        "eval_at_end is False: the final weights would be tested under a selection label "
+        "(lower eval_every_epochs, set eval_at_end = True, or select_on = 'none')")
 
 
 def eval_epochs(config: ml_collections.ConfigDict) -> list[int]:

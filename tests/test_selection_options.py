@@ -153,6 +153,8 @@ def test_selection_eval_config_overrides_only_sampling_and_flip():
     (dict(select_flip=False), r"config.train.select_flip = False"),
     (dict(eval_epoch_offset=1, eval_every_epochs=1), r"eval_epoch_offset = 1: expected 0 \.\. "),
     (dict(eval_at_end="no"), r"config.train.eval_at_end = 'no': expected a bool"),
+    # A selection that would score nothing (the final weights tested under a selection label).
+    (dict(eval_every_epochs=10**6, eval_at_end=False), r"select_on = 'val' scores no epoch"),
 ])
 def test_bad_selection_fields_fail_before_work(fields, message):
   config = _config()
