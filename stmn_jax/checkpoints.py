@@ -253,9 +253,15 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       self._raise(which, step, e)
     if which == "best" and step is not None:
-      for s in self.best_steps():
-        if s != step:
-          self._best.delete(s)
+      try:
+        for s in self.best_steps():
+          if s != step:
+            self._best.delete(s)
+      # The new best is committed; an older step left behind is harmless (`best_step` takes the
+      # newest, `ensure_best` removes the rest on resume), so a failed delete must neither stop
+      # training nor hide an exception already on its way out.
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("could not delete an older step of %s: %s", self.best_dir, e)
 
   def check_for_errors(self) -> None:
     """Raises a CheckpointError if a background save has failed (never blocks)."""
@@ -307,16 +313,6 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       self._raise("best", step, e)
     self._unchecked["best"] = (step, _join(self.best_dir, str(step)))
-
-  def maybe_save_best(self, step: int, tree: Any, metrics: dict) -> bool:
-    """Saves `tree` in `best/` if `metrics[BEST_METRIC]` beats the stored best."""
-    if BEST_METRIC not in metrics:
-      raise KeyError(f"best checkpoint needs metric {BEST_METRIC!r}, got {sorted(metrics)}")
-    best = self.best_metrics()
-    if best is not None and float(metrics[BEST_METRIC]) <= float(best[BEST_METRIC]):
-      return False
-    self.save_best(step, tree, metrics)
-    return True
 
   # ------------------------------------------------------------------ resume
   def restore_selection(self, step: int) -> SelectionState | None:

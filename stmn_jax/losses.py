@@ -189,9 +189,7 @@ def total_loss(
   margin = _get(lc, "triplet_margin", 0.0)
   spread_w = _get(lc, "spread_weight", 0.0)
   spread_margin = _get(lc, "spread_margin", 0.3)
-  model_config = config.get("model", None) if hasattr(config, "get") else getattr(
-      config, "model", None)
-  spread_groups = int(_get(model_config, "bn_groups", 1)) if model_config is not None else 1
+  spread_groups = int(_get(_get(config, "model", None) or {}, "bn_groups", 1))
   div_w = _get(lc, "diversity_weight", 0.0)
   inter_w = _get(lc, "interframe_weight", 0.0)
 

@@ -286,15 +286,18 @@ def _beat(workdir: str, info: dict[str, Any], stop: threading.Event) -> None:
   """The heartbeat of a held lock object: rewrites `heartbeat_unix` every HEARTBEAT_S until
   `stop`; stops with an error logged if another run's record replaced this one's."""
   while not stop.wait(HEARTBEAT_S):
-    holder = read_holder(workdir)
-    if holder is not None and holder.get("run_id") != info["run_id"]:
-      logging.error("workdir %s: the lock of this run (%s) was taken over by %s; another run "
-                    "may be writing to this workdir", workdir, info["run_id"],
-                    _describe_holder(holder))
-      return
     try:
+      holder = read_holder(workdir)
+      if holder is not None and holder.get("run_id") != info["run_id"]:
+        logging.error("workdir %s: the lock of this run (%s) was taken over by %s; another run "
+                      "may be writing to this workdir", workdir, info["run_id"],
+                      _describe_holder(holder))
+        return
       _write_holder(workdir, dict(info, heartbeat_unix=time.time()))
-    except workdir_io.io_errors() as e:  # a transient error: the next beat tries again
+    # Any failure (an I/O error, a credentials refresh, a filesystem library's own exception)
+    # is logged and the next beat tries again: a heartbeat thread that died would let the lock
+    # go stale, and a second run in, while this run still writes.
+    except Exception as e:  # pylint: disable=broad-except
       logging.warning("workdir %s: lock heartbeat failed: %s", workdir, e)
 
 

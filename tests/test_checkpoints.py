@@ -67,16 +67,25 @@ def test_round_trip_and_best(tmp_path):
   leaf = jax.tree.leaves(other.model_state)[0]
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
 
-  # Best-by-mAP keeps one checkpoint, the best.
+  # `best/` keeps one checkpoint, the one the caller (the selection rule) named last.
   with checkpoints.Checkpointer(str(tmp_path), keep=2) as ck:
     tree = saved.checkpoint_tree()
-    assert ck.maybe_save_best(5, tree, {"mAP": 0.3, "rank1": 0.5})
-    assert not ck.maybe_save_best(6, tree, {"mAP": 0.2})
-    assert ck.maybe_save_best(7, tree, {"mAP": 0.4})
+    ck.save_best(5, tree, {"mAP": 0.3, "rank1": 0.5})
+    ck.save_best(7, tree, {"mAP": 0.4})
     ck.wait()
     assert ck.best_step() == 7
     assert ck.best_metrics()["mAP"] == pytest.approx(0.4)
     assert sorted(os.listdir(ck.best_dir)) == ["7"]
+
+  # A failed delete of the older step is logged; the new best stands and nothing is raised.
+  with checkpoints.Checkpointer(str(tmp_path), keep=2) as ck:
+    def failing_delete(step):
+      raise OSError(f"permission denied deleting step {step}")
+    ck._best.delete = failing_delete  # pylint: disable=protected-access
+    ck.save_best(9, tree, {"mAP": 0.5})
+    ck.wait()
+    assert ck.best_step() == 9 and ck.best_metrics()["mAP"] == pytest.approx(0.5)
+  assert sorted(os.listdir(tmp_path / "best")) == ["7", "9"]
 
 
 def test_keep_last_n_and_refuse_non_finite(tmp_path):

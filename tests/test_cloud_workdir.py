@@ -142,6 +142,32 @@ def test_lock_object_heartbeat(gcs, monkeypatch):
   assert not lock.thread.is_alive() and not os.path.exists(_local(gcs, ".lock"))
 
 
+def test_lock_object_heartbeat_survives_a_non_io_error(gcs, monkeypatch):
+  """A failure that is not an OSError (e.g. a credentials refresh) must not end the heartbeat:
+  a dead heartbeat lets the lock go stale, and a second run in, while this run still writes."""
+  monkeypatch.setattr(workdir_lock, "SETTLE_S", 0.01)
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+  lock = workdir_lock.acquire(W)
+  read, failures = workdir_lock.read_holder, []
+
+  def flaky_read(workdir):
+    if len(failures) < 2:
+      failures.append(1)
+      raise RuntimeError("credentials refresh failed")
+    return read(workdir)
+  try:
+    first = read(W)["heartbeat_unix"]
+    monkeypatch.setattr(workdir_lock, "read_holder", flaky_read)
+    deadline = time.monotonic() + 60
+    while read(W)["heartbeat_unix"] == first:
+      assert time.monotonic() < deadline, "no heartbeat in 60 s after the errors"
+      time.sleep(0.05)
+    assert len(failures) == 2 and lock.thread.is_alive()
+  finally:
+    monkeypatch.setattr(workdir_lock, "read_holder", read)
+    lock.release()
+
+
 class _Tracklet:
   def __init__(self, pid, camid, frames):
     self.pid, self.camid, self.frames, self.num_frames = pid, camid, frames, len(frames)
