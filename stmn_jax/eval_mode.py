@@ -105,13 +105,14 @@ def cross_dataset_eval(config: ml_collections.ConfigDict, workdir: str, eval_con
   logging.info("cross-dataset eval: the model of %s (trained on %s) on the test split of %s "
                "(%s, root %s)", workdir, config.dataset.name, cross.dataset.name, eval_config,
                cross.dataset.root)
+  path = cross_results_path(workdir, cross.dataset.name)
+  results_lib.check_writable(workdir, path)  # before the work, as results.json is (app.run)
   run = inference.prepare(config, workdir, data_config=cross)
   evaluator = evaluators.from_config(run.state, cross, run.mesh)
   test = run.setup.test_split
   res = evaluator.run(run.state, test.query, test.gallery)
   print(f"\nTest results on {cross.dataset.name} (trained on {config.dataset.name}; "
         f"{run.checkpoint}):\n{ranking.format_table(res)}", flush=True)
-  path = cross_results_path(workdir, cross.dataset.name)
   summary = {
       "mode": "eval", "test_checkpoint": run.checkpoint, "step": run.step,
       "train_dataset": config.dataset.name, "train_dataset_root": config.dataset.root,

@@ -28,15 +28,15 @@ def results_path(workdir: str) -> epath.Path:
   return epath.Path(workdir) / RESULTS_FILE
 
 
-def check_writable(workdir: str) -> None:
-  """Raises WorkdirNotWritableError unless `WORKDIR/results.json` can be written.
+def check_writable(workdir: str, path: epath.Path | None = None) -> None:
+  """Raises WorkdirNotWritableError unless `WORKDIR/results.json` (or `path`) can be written.
 
   Locally it probes by opening the file for appending (nothing written; a probe file that did
   not exist is removed), so it also fails for root on a read-only filesystem or when the path
   is a folder. An object store has no appending: an empty probe object is written beside it
   and removed.
   """
-  path = results_path(workdir)
+  path = results_path(workdir) if path is None else path
   try:
     if workdir_io.is_local(path):
       existed = path.exists()
@@ -44,7 +44,7 @@ def check_writable(workdir: str) -> None:
       if not existed:
         path.unlink()
     else:
-      probe = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.probe")
+      probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
       probe.write_text("")
       probe.unlink()
   except workdir_io.io_errors() as e:

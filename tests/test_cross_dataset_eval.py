@@ -218,3 +218,21 @@ def test_eval_config_errors_before_work(trained, tmp_path):
   # Both before the workdir is looked at: not the missing workdir's error.
   with pytest.raises(errors.ConfigError, match="256x128"):
     eval_mode.eval_mode(config, str(tmp_path / "no_workdir"), eval_config=eval_file)
+
+
+def test_unwritable_cross_results_file_fails_before_work(trained, monkeypatch):
+  """`W/results_<dataset>.json` is checked writable before the model is restored (a folder in
+  its place here), as results.json is, not after the whole evaluation."""
+  config, workdir, eval_file = trained
+  target = os.path.join(workdir, "results_dukev.json")
+  if os.path.exists(target):
+    os.remove(target)
+  os.makedirs(target)
+  restored = []
+  monkeypatch.setattr(inference, "prepare", lambda *a, **k: restored.append(1))
+  try:
+    with pytest.raises(errors.WorkdirNotWritableError, match="results_dukev.json"):
+      eval_mode.eval_mode(config, workdir, eval_config=f"{eval_file}:smoke")
+  finally:
+    os.rmdir(target)
+  assert not restored
