@@ -574,6 +574,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--decay_at", type=float, default=0.0,
                   help="override: fraction of the steps after which the rate drops x0.1")
   ap.add_argument("--no_figures", action="store_true", help="skip the --mode=visualize figures")
+  ap.add_argument("--figures_dir", default="",
+                  help="copy the figures here (e.g. docs/figures/ablation_v2) and show them in "
+                       "the section (paths relative to --results_md)")
   ap.add_argument("--jax_cache", default=None,
                   help="persistent XLA compilation cache (default <workdir>/jax_cache; '' = off)")
   return ap.parse_args(argv)

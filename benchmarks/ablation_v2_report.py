@@ -41,6 +41,8 @@ def command(a: Any) -> str:
       parts.append(f"--{flag}={getattr(a, flag)}")
   if a.results_md:
     parts.append(f"--results_md={v2.shown_path(a.results_md)}")
+  if getattr(a, "figures_dir", ""):
+    parts.append(f"--figures_dir={v2.shown_path(a.figures_dir)}")
   return " ".join(shlex.quote(x) if " " not in x else x for x in parts)
 
 
@@ -92,6 +94,8 @@ def write_report(p: v2.Protocol, root: str, runs: Sequence[v2.Run], families: Se
       except Exception as e:  # pylint: disable=broad-except
         print(f"[ablation-v2] figures of {f} failed: {e!r}", flush=True)
         figs[f"paper_{f}"] = {}
+  if getattr(a, "figures_dir", ""):
+    figs = copy_figures(figs, a.figures_dir)
   body = render(p, records, families, variants, runs, a, figs)
   (out / "table.md").write_text(body + "\n")
   intervals = {f: {f"{x}-{y}": st.paired(records, f, x, y) for x, y in v2.PAIRS}
@@ -101,6 +105,55 @@ def write_report(p: v2.Protocol, root: str, runs: Sequence[v2.Run], families: Se
                  "intervals": intervals, "figures": figs})
   print(body, flush=True)
   return body
+
+
+def copy_figures(figs: dict, dest: str) -> dict:
+  """Copies every figure of `figs` under `dest` (the memory statistics as `memory_<family>.png`,
+  the paper figures as `<family>/<name>.png`); returns `figs` with the copies' paths."""
+  root = epath.Path(dest).resolve()
+  copied: dict[str, Any] = {}
+  for name, fig in figs.items():
+    if isinstance(fig, str):
+      target = root / os.path.basename(fig)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(fig).copy(target, overwrite=True)
+      copied[name] = os.fspath(target)
+    elif fig:
+      family = name.partition("_")[2]
+      (root / family).mkdir(parents=True, exist_ok=True)
+      copied[name] = {}
+      for key, png in fig.items():
+        target = root / family / os.path.basename(png)
+        epath.Path(png).copy(target, overwrite=True)
+        copied[name][key] = os.fspath(target)
+    else:
+      copied[name] = fig
+  return copied
+
+
+def _figure_lines(figs: dict, a: Any) -> list[str]:
+  """The figure list of the section: with `--figures_dir` and `--results_md`, the memory
+  statistics shown as images and the paper figures linked, relative to the markdown file."""
+  md_dir = os.path.dirname(os.path.abspath(a.results_md)) if a.results_md else ""
+  if not (md_dir and getattr(a, "figures_dir", "")):
+    lines = []
+    for name, fig in figs.items():
+      if isinstance(fig, str):
+        lines.append(f"- `{name}`: `{v2.shown_path(fig)}`")
+      elif fig:
+        lines.append(f"- `{name}`: " + ", ".join(f"`{v2.shown_path(x)}`" for x in fig.values()))
+    return lines
+  rel = lambda x: os.path.relpath(os.path.abspath(x), md_dir)  # pylint: disable=unnecessary-lambda-assignment
+  lines = []
+  for name, fig in figs.items():
+    if isinstance(fig, str):
+      lines += [f"![{name}]({rel(fig)})", ""]
+  for name, fig in figs.items():
+    if isinstance(fig, dict) and fig:
+      lines.append(f"- `{name}` (`--mode=visualize` of the `stmn` run beside `stmn_nospread`, "
+                   "first seed): " + ", ".join(f"[{os.path.basename(x)}]({rel(x)})"
+                                                for x in fig.values()))
+  return lines
 
 
 def render(p: v2.Protocol, records: Sequence[dict], families: Sequence[str],
@@ -137,11 +190,7 @@ def render(p: v2.Protocol, records: Sequence[dict], families: Sequence[str],
       st.memory_table(records, families, variants),
       "",
   ]
-  for name, fig in figs.items():
-    if isinstance(fig, str):
-      lines.append(f"- `{name}`: `{v2.shown_path(fig)}`")
-    elif fig:
-      lines.append(f"- `{name}`: " + ", ".join(f"`{v2.shown_path(x)}`" for x in fig.values()))
+  lines += _figure_lines(figs, a)
   return "\n".join(lines).rstrip()
 
 

@@ -170,3 +170,31 @@ def test_families_switch_one_group_and_pretraining_ids_are_disjoint():
   assert v2.check_disjoint(pre, k["all"]) == p.pretrain_ids + p.pretrain_test_ids + 160
   with pytest.raises(ValueError, match="share"):
     v2.check_disjoint(k["all"], k["none"])
+
+
+def test_figures_dir_copies_the_figures_and_the_section_shows_them(tmp_path):
+  """--figures_dir: the figures are copied out of the workdir and the section embeds the memory
+  statistics and links the paper figures, by paths relative to --results_md."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import ablation_v2_report as rep  # pylint: disable=g-import-not-at-top
+
+  work = tmp_path / "w" / "results"
+  (work / "figures" / "clutter").mkdir(parents=True)
+  (work / "memory_clutter.png").write_bytes(b"m")
+  (work / "figures" / "clutter" / "norm_change.png").write_bytes(b"n")
+  figs = {"memory_clutter": str(work / "memory_clutter.png"),
+          "paper_clutter": {"norm_change": str(work / "figures" / "clutter" / "norm_change.png")},
+          "paper_temporal": {}}
+  dest = tmp_path / "docs" / "figures" / "v2"
+  copied = rep.copy_figures(figs, str(dest))
+  assert (dest / "memory_clutter.png").read_bytes() == b"m"
+  assert (dest / "clutter" / "norm_change.png").read_bytes() == b"n"
+  assert copied["paper_temporal"] == {}
+  a = argparse.Namespace(results_md=str(tmp_path / "docs" / "RESULTS.md"),
+                         figures_dir=str(dest))
+  lines = rep._figure_lines(copied, a)  # pylint: disable=protected-access
+  assert "![memory_clutter](figures/v2/memory_clutter.png)" in lines
+  assert any("[norm_change.png](figures/v2/clutter/norm_change.png)" in x for x in lines)
+  a.figures_dir = ""
+  assert rep._figure_lines(figs, a)[0].startswith("- `memory_clutter`: `")  # pylint: disable=protected-access
