@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -123,19 +123,27 @@ def main_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
   return "\n".join(lines)
 
 
+def _pair_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
+                pairs: Sequence[tuple[str, str]], column: str,
+                cell: Callable[[str, str, str], str]) -> str:
+  """Markdown: one row per pair `a - b` whose variants both ran, one column per family
+  ("<family>: <column>"), `cell(family, a, b)` in each."""
+  head = ["difference"] + [f"{f}: {column}" for f in families]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  have = {r["variant"] for r in records}
+  for a, b in pairs:
+    if a in have and b in have:
+      cells = [f"`{a}` - `{b}`"] + [cell(f, a, b) for f in families]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def difference_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
                      pairs: Sequence[tuple[str, str]], metric: str = "mAP") -> str:
   """Markdown: one row per pair, one column per family, mean [95% CI] of the paired
   difference in points; `*` where the interval excludes 0."""
-  head = ["difference"] + [f"{f}: {metric}" for f in families]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  have = {r["variant"] for r in records}
-  for a, b in pairs:
-    if a not in have or b not in have:
-      continue
-    cells = [f"`{a}` - `{b}`"] + [fmt_ci(paired(records, f, a, b, metric)) for f in families]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return _pair_table(records, families, pairs, metric,
+                     lambda f, a, b: fmt_ci(paired(records, f, a, b, metric)))
 
 
 def memory_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
@@ -172,15 +180,9 @@ def needed_table(records: Sequence[Mapping[str, Any]], families: Sequence[str],
                  metric: str = "mAP") -> str:
   """Markdown: observed sd of each paired difference and the seeds `required_seeds` asks for
   to resolve `delta` points with 80% power at that sd ("sd / n needed" per family)."""
-  head = ["difference"] + [f"{f}: sd / n needed" for f in families]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  have = {r["variant"] for r in records}
-  for a, b in pairs:
-    if a not in have or b not in have:
-      continue
-    cells = [f"`{a}` - `{b}`"]
-    for f in families:
-      c = paired(records, f, a, b, metric)
-      cells.append("-" if c["n"] < 2 else f"{c['sd']:.1f} / {required_seeds(c['sd'], delta)}")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+
+  def cell(f: str, a: str, b: str) -> str:
+    c = paired(records, f, a, b, metric)
+    return "-" if c["n"] < 2 else f"{c['sd']:.1f} / {required_seeds(c['sd'], delta)}"
+
+  return _pair_table(records, families, pairs, "sd / n needed", cell)
