@@ -151,10 +151,13 @@ def stats_figure(path: str, series: Mapping[str, Sequence[Mapping[str, Any]]],
     ax.set_title(STAT_LABELS[k], fontsize=8)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
-  if any(ax.get_legend_handles_labels()[0] for ax in axes):
-    handles, labels = max((ax.get_legend_handles_labels() for ax in axes),
-                          key=lambda hl: len(hl[0]))
-    axes[-1].legend(handles, labels, fontsize=6)
+  seen: dict[str, Any] = {}  # every run's line once, whichever panels it appears in
+  for ax in axes:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      seen.setdefault(label, handle)
+  if seen:
+    order = [x for x in series if x in seen]
+    axes[-1].legend([seen[x] for x in order], order, fontsize=6)
   if title:
     fig.suptitle(title, fontsize=9)
   return figures._save(fig, path)  # pylint: disable=protected-access
