@@ -91,3 +91,21 @@ def test_the_command_writes_a_loadable_trunk_and_its_record(tmp_path):
   config.model.pretrained = str(out)
   model = models.create_model(config, 8, nnx.Rngs(1))
   assert models.load_pretrained(model, str(out)) >= 1
+
+
+def test_a_trunk_that_does_not_fit_is_a_config_error_naming_the_field(tmp_path):
+  """A user who widens the main job's model (or points at a missing file) gets one clear
+  ConfigError naming config.model.pretrained (main.py prints it without a traceback)."""
+  from stmn_jax import errors  # pylint: disable=g-import-not-at-top
+
+  config = synthetic.get_config("stmn")
+  config.model.width = 0.5
+  with pytest.raises(errors.ConfigError, match=r"(?s)config\.model\.pretrained=.*synthetic_trunk"
+                     r"\.npz' does not fit.*expected shape.*--config\.model\.pretrained="):
+    models.create_model(config, 8, nnx.Rngs(0))
+  config = synthetic.get_config("stmn")
+  config.model.pretrained = str(tmp_path / "missing.npz")
+  with pytest.raises(errors.ConfigError, match=r"config\.model\.pretrained=.*missing\.npz.*not "
+                     r"found"):
+    models.create_model(config, 8, nnx.Rngs(0))
+  assert issubclass(errors.ConfigError, errors.USER_ERRORS)

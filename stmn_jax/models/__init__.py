@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from stmn_jax import errors
 from stmn_jax.models import resnet, torchvision_weights
 
 Builder = Callable[..., nnx.Module]
@@ -59,15 +60,25 @@ def get_builder(name: str) -> Builder:
 def load_pretrained(model: nnx.Module, path: str) -> int:
   """Copy a torchvision ResNet state dict into every `ResNetTrunk` (stem + layer1-3) and
   every `ResNetStage` (as layer4) of `model`, in place. Returns the number of parts loaded."""
-  state_dict = torchvision_weights.load_state_dict(path)
+  field = f"config.model.pretrained={path!r}"
+  try:
+    state_dict = torchvision_weights.load_state_dict(path)
+  except (OSError, torchvision_weights.WeightLoadError) as e:
+    raise errors.ConfigError(f"{field}: {e}") from e
   loaded = 0
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, resnet.ResNetTrunk):
-      torchvision_weights.load_into_trunk(module, state_dict)
-      loaded += 1
-    elif isinstance(module, resnet.ResNetStage):
-      torchvision_weights.load_into_stage(module, state_dict, prefix="layer4")
-      loaded += 1
+  try:
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, resnet.ResNetTrunk):
+        torchvision_weights.load_into_trunk(module, state_dict)
+        loaded += 1
+      elif isinstance(module, resnet.ResNetStage):
+        torchvision_weights.load_into_stage(module, state_dict, prefix="layer4")
+        loaded += 1
+  except torchvision_weights.WeightLoadError as e:
+    raise errors.ConfigError(
+        f"{field} does not fit the model's backbone (config.model.depth / width): {e}\n"
+        "(use a file made for this backbone, or --config.model.pretrained= to train from "
+        "scratch)") from e
   if not loaded:
     raise ValueError(
         f"config.model.pretrained={path!r}: the model has no ResNet trunk or stage to load into")
