@@ -150,8 +150,8 @@ def _figure_lines(figs: dict, a: Any) -> list[str]:
       lines += [f"![{name}]({rel(fig)})", ""]
   for name, fig in figs.items():
     if isinstance(fig, dict) and fig:
-      lines.append(f"- `{name}` (`--mode=visualize` of the `stmn` run beside `stmn_nospread`, "
-                   "first seed): " + ", ".join(f"[{os.path.basename(x)}]({rel(x)})"
+      lines.append(f"- `{name}` (`--mode=visualize` of the `stmn` run, first seed, beside "
+                   "`stmn_nospread` where it ran): " + ", ".join(f"[{os.path.basename(x)}]({rel(x)})"
                                                 for x in fig.values()))
   return lines
 

@@ -13,7 +13,8 @@ it starts from a trunk (stem, layer1-4 of its ResNet-18 at width 0.25) trained h
   or junk tracklets: it teaches the trunk what a person looks like, not the main job's
   distractors;
 - the main job's model, input size (64 x 32), clip length and batch, trained as the `baseline`
-  (no memories), then its trunk is written with torchvision keys (`.npz`, read with
+  (no memories) in 50-step epochs with one x0.1 decay after round(0.8 x epochs) epochs (600
+  steps: after 500), then its trunk is written with torchvision keys (`.npz`, read with
   `np.load(allow_pickle=False)` through `config.model.pretrained`).
 
 Next to the file, `<out stem>.json` records the recipe, the SHA-256 of the file, the seconds and
@@ -36,8 +37,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("configs", "pretrained", "synthetic_trunk.npz")
+from configs import synthetic as synthetic_config
+
+DEFAULT_OUT = synthetic_config.MAIN_JOB_TRUNK  # where the main job reads it, from any cwd
 STEPS_PER_EPOCH = 50
 
 
@@ -51,9 +53,7 @@ def recipe(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_job_config():
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-
-  return synthetic.get_config("baseline")
+  return synthetic_config.get_config("baseline")
 
 
 def pretrain_knobs(main_knobs: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +124,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   a = ap.parse_args(argv)
   if a.steps < 1 or a.ids < 2 or a.test_ids < 1:
     ap.error("--steps >= 1, --ids >= 2 and --test_ids >= 1 expected")
+  if a.steps > STEPS_PER_EPOCH and a.steps % STEPS_PER_EPOCH:
+    ap.error(f"--steps={a.steps}: above {STEPS_PER_EPOCH}, a multiple of {STEPS_PER_EPOCH} "
+             "expected (the schedule counts whole 50-step epochs)")
   return a
 
 

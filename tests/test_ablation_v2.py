@@ -198,3 +198,20 @@ def test_figures_dir_copies_the_figures_and_the_section_shows_them(tmp_path):
   assert any("[norm_change.png](figures/v2/clutter/norm_change.png)" in x for x in lines)
   a.figures_dir = ""
   assert rep._figure_lines(figs, a)[0].startswith("- `memory_clutter`: `")  # pylint: disable=protected-access
+
+
+def test_memory_figure_legend_names_every_run(tmp_path, monkeypatch):
+  """A run with lines in some panels only (tm: no spatial statistics) is still in the legend."""
+  from benchmarks import ablation_v2_memory as mem  # pylint: disable=g-import-not-at-top
+  from stmn_jax import figures  # pylint: disable=g-import-not-at-top
+
+  drawn = {}
+  monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+  recs = lambda **kw: [dict(step=s, **kw) for s in (0, 50)]  # pylint: disable=unnecessary-lambda-assignment
+  series = {"sm": recs(spatial_entropy=0.9, readout_ratio=0.01),
+            "tm": recs(temporal_entropy=0.9, weight_contrast=0.0),
+            "stmn": recs(spatial_entropy=0.9, temporal_entropy=0.9, weight_contrast=0.0,
+                         readout_ratio=0.01)}
+  mem.stats_figure(str(tmp_path / "m.png"), series)
+  legend = drawn["fig"].axes[-1].get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == ["sm", "tm", "stmn"]

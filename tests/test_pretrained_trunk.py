@@ -29,7 +29,7 @@ def test_shipped_trunk_is_the_recorded_file_of_the_default_command():
   assert rec["sha256"] == pretrain_trunk.sha256(TRUNK)
   assert rec["bytes"] == os.path.getsize(TRUNK)
   # Made by `python -m benchmarks.pretrain_trunk` with its defaults (the README's command).
-  assert rec["command"].strip() == "python -m benchmarks.pretrain_trunk"
+  assert rec["command"] == "python -m benchmarks.pretrain_trunk"
   assert rec["recipe"] == pretrain_trunk.recipe(pretrain_trunk.parse([]))
   # The pretraining learned its own benchmark (a sanity check of the trunk, not the main job).
   assert rec["pretrain_test"]["mAP"] > 0.8
@@ -51,11 +51,14 @@ def test_every_main_job_model_loads_the_trunk(preset):
   config = synthetic.get_config(preset)
   model = models.create_model(config, 52, nnx.Rngs(0))
   state_dict = torchvision_weights.load_state_dict(TRUNK)
-  trunks = [m for _, m in nnx.iter_modules(model) if isinstance(m, resnet.ResNetTrunk)]
-  assert trunks, preset
-  for trunk in trunks:
-    entries = torchvision_weights.trunk_entries(trunk)
-    assert len(entries) > 20
+  parts = [torchvision_weights.trunk_entries(m) for _, m in nnx.iter_modules(model)
+           if isinstance(m, resnet.ResNetTrunk)]
+  assert parts, preset
+  stages = [torchvision_weights.stage_entries(m, "layer4") for _, m in nnx.iter_modules(model)
+            if isinstance(m, resnet.ResNetStage)]  # layer4 and each of its copies (STMN: 3)
+  assert stages, preset
+  for entries in parts + stages:
+    assert len(entries) > 10
     for key, variable, kind in entries:
       value = np.asarray(variable.get_value())
       if kind == "conv":
@@ -90,7 +93,14 @@ def test_the_command_writes_a_loadable_trunk_and_its_record(tmp_path):
   config = synthetic.get_config("stmn")
   config.model.pretrained = str(out)
   model = models.create_model(config, 8, nnx.Rngs(1))
-  assert models.load_pretrained(model, str(out)) >= 1
+  assert models.load_pretrained(model, str(out)) == 4  # trunk + STMN's three layer4 stages
+
+
+def test_steps_must_be_whole_epochs():
+  with pytest.raises(SystemExit):
+    pretrain_trunk.parse(["--steps=620"])
+  assert pretrain_trunk.parse(["--steps=30"]).steps == 30
+  assert pretrain_trunk.DEFAULT_OUT == TRUNK
 
 
 def test_a_trunk_that_does_not_fit_is_a_config_error_naming_the_field(tmp_path):
