@@ -172,15 +172,17 @@ def pretrain_knobs(p: Protocol) -> dict[str, Any]:
   return dataclasses.asdict(synth_spec.make_spec(knobs))
 
 
-def check_disjoint(a: dict[str, Any], b: dict[str, Any]) -> int:
-  """Raises if a look (attribute tuple) of benchmark `a` recurs in `b`; returns the ids checked."""
+def check_disjoint(a: dict[str, Any], b: dict[str, Any],
+                   what: str = "pretraining and ablation benchmarks") -> int:
+  """Raises if a look (attribute tuple) of benchmark `a` recurs in `b` (`what`: the two, for the
+  message); returns the ids checked."""
   from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
 
   ia, _ = generator.make_identities(synth_spec.make_spec(a))
   ib, _ = generator.make_identities(synth_spec.make_spec(b))
   common = {x.as_tuple() for x in ia} & {x.as_tuple() for x in ib}
   if common:
-    raise ValueError(f"pretraining and ablation benchmarks share {len(common)} identities")
+    raise ValueError(f"{what} share {len(common)} identities")
   return len(ia) + len(ib)
 
 

@@ -69,17 +69,14 @@ def pretrain_knobs(main_knobs: dict[str, Any], a: argparse.Namespace) -> dict[st
 
 def check_disjoint(a: dict[str, Any], b: dict[str, Any]) -> int:
   """Raises ValueError if a look (attribute tuple) of benchmark `a` recurs in `b`; returns the
-  number of identities checked."""
-  from data_pipelines.synthetic import generator  # pylint: disable=g-import-not-at-top
-  from data_pipelines.synthetic import spec  # pylint: disable=g-import-not-at-top
+  number of identities checked (`ablation_v2.check_disjoint`)."""
+  from benchmarks import ablation_v2  # pylint: disable=g-import-not-at-top
 
-  ia, _ = generator.make_identities(spec.make_spec(a))
-  ib, _ = generator.make_identities(spec.make_spec(b))
-  shared = {x.as_tuple() for x in ia} & {x.as_tuple() for x in ib}
-  if shared:
-    raise ValueError(f"the pretraining benchmark shares {len(shared)} identities (looks) with "
-                     "the main job's benchmark; choose another --data_seed")
-  return len(ia) + len(ib)
+  try:
+    return ablation_v2.check_disjoint(
+        a, b, what="the pretraining benchmark and the main job's benchmark")
+  except ValueError as e:
+    raise ValueError(f"{e}; choose another --data_seed") from None
 
 
 def pretrain_config(a: argparse.Namespace, workdir: str):
