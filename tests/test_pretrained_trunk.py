@@ -119,3 +119,10 @@ def test_a_trunk_that_does_not_fit_is_a_config_error_naming_the_field(tmp_path):
                      r"found"):
     models.create_model(config, 8, nnx.Rngs(0))
   assert issubclass(errors.ConfigError, errors.USER_ERRORS)
+
+
+def test_a_model_without_a_resnet_backbone_is_a_config_error():
+  from stmn_jax import errors  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(errors.ConfigError, match=r"config\.model\.pretrained=.*no ResNet trunk"):
+    models.load_pretrained(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), TRUNK)

@@ -80,8 +80,7 @@ def load_pretrained(model: nnx.Module, path: str) -> int:
         "(use a file made for this backbone, or --config.model.pretrained= to train from "
         "scratch)") from e
   if not loaded:
-    raise ValueError(
-        f"config.model.pretrained={path!r}: the model has no ResNet trunk or stage to load into")
+    raise errors.ConfigError(f"{field}: the model has no ResNet trunk or stage to load into")
   return loaded
 
 
