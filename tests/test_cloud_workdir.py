@@ -156,7 +156,10 @@ def test_lock_object_heartbeat_survives_a_non_io_error(gcs, monkeypatch):
       raise RuntimeError("credentials refresh failed")
     return read(workdir)
   try:
-    first = read(W)["heartbeat_unix"]
+    holder = None
+    while holder is None:  # None: read while the heartbeat rewrites the object
+      holder = read(W)
+    first = holder["heartbeat_unix"]
     monkeypatch.setattr(workdir_lock, "read_holder", flaky_read)
     deadline = time.monotonic() + 60
     # read_holder gives None while the heartbeat is rewriting the object (a read mid-write).
